@@ -1,0 +1,166 @@
+"""`worker-orcd`: generate | models | inspect.
+
+Errors a user can cause (a bad file, an unknown model, bad parameters) end with one line on
+stderr and exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+
+from worker_orcd import model_store
+from worker_orcd.gguf.reader import GGUFError, GGUFFile
+from worker_orcd.models import UnsupportedArchitectureError
+from worker_orcd.sampling_params import SamplingParams
+from worker_orcd.tokenizer import TokenizerError
+
+USER_ERRORS = (
+    GGUFError,
+    UnsupportedArchitectureError,
+    model_store.ModelStoreError,
+    TokenizerError,
+    ValueError,
+    OSError,
+)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from worker_orcd.engine.llm import LLM
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    path = model_store.resolve(args.model, log)
+    llm = LLM.load(path, args.device)
+    if not args.json:
+        log(f"loaded {path.name} ({llm.gguf.architecture}) on {llm.device}")
+    tokenizer = llm.tokenizer
+    if args.chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+        prompt_ids = tokenizer.encode(text, add_special=False)
+    else:
+        prompt_ids = tokenizer.encode(args.prompt)
+    generation = llm.generate(prompt_ids, params)
+    for chunk in generation:
+        if not args.json:
+            print(chunk.text, end="", flush=True)
+    result = generation.result
+    assert result is not None
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "text": result.text,
+                    "token_ids": result.token_ids,
+                    "prompt_token_ids": result.prompt_token_ids,
+                    "seed": result.seed,
+                    "stop_reason": result.stop_reason,
+                    "tokens_per_second": round(result.tokens_per_second, 2),
+                },
+                ensure_ascii=False,
+            )
+        )
+        return
+    print()
+    log(
+        f"[{len(result.token_ids)} tokens, {result.tokens_per_second:.1f} tok/s, "
+        f"first token {result.prefill_seconds * 1000:.0f} ms, stop: {result.stop_reason}, "
+        f"seed {result.seed}]"
+    )
+
+
+def cmd_models_pull(args: argparse.Namespace) -> None:
+    names = list(model_store.CATALOG) if args.all else [args.name]
+    for name in names:
+        model_store.pull(name, log)
+
+
+def cmd_models_list(args: argparse.Namespace) -> None:
+    rows = [("NAME", "SIZE", "STATUS", "DESCRIPTION")]
+    for spec in model_store.CATALOG.values():
+        pulled = model_store.is_pulled(spec)
+        status = str(model_store.model_path(spec)) if pulled else "not pulled"
+        default = " (default)" if spec.name == model_store.DEFAULT_MODEL else ""
+        rows.append((spec.name + default, f"{spec.size / 1e6:.0f} MB", status, spec.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    for row in rows:
+        print(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]
+        )
+
+
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from worker_orcd.gguf.inspect import describe
+
+    path = model_store.resolve(args.file, log)
+    print(describe(GGUFFile(path), max_tensors=None if args.all_tensors else 40))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="worker-orcd", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    model_help = f"a GGUF path or a known model name (default {model_store.DEFAULT_MODEL})"
+
+    generate = commands.add_parser("generate", help="generate text from a prompt")
+    generate.add_argument("prompt")
+    generate.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
+    generate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    generate.add_argument("--max-tokens", type=int, default=256)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
+    generate.add_argument("--seed", type=int, help="generated and reported when absent")
+    generate.add_argument("--top-k", type=int, default=0, help="0 disables")
+    generate.add_argument("--top-p", type=float, default=1.0, help="1 disables")
+    generate.add_argument("--min-p", type=float, default=0.0, help="0 disables")
+    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables")
+    generate.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
+    generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    generate.set_defaults(run=cmd_generate)
+
+    models = commands.add_parser("models", help="the offline model store")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    pull = models_commands.add_parser("pull", help="download, assemble and verify a model")
+    pull.add_argument(
+        "name", nargs="?", default=model_store.DEFAULT_MODEL, choices=list(model_store.CATALOG)
+    )
+    pull.add_argument("--all", action="store_true", help="pull every known model")
+    pull.set_defaults(run=cmd_models_pull)
+    listing = models_commands.add_parser("list", help="known models and where they are")
+    listing.set_defaults(run=cmd_models_list)
+
+    inspect = commands.add_parser("inspect", help="print a GGUF file's metadata and tensors")
+    inspect.add_argument("file", help="a GGUF path or a known model name")
+    inspect.add_argument("--all-tensors", action="store_true", help="list every tensor")
+    inspect.set_defaults(run=cmd_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], None] = args.run
+    try:
+        run(args)
+    except USER_ERRORS as error:
+        log(f"error: {error}")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

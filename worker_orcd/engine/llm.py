@@ -1,0 +1,150 @@
+"""One loaded model and its single-sequence generation loop.
+
+The loop is prefill once, then decode one token at a time; every token goes through the sampler
+with the request's own seeded generator, then through the streaming detokenizer and the stop
+matcher, so what reaches the caller is whole characters that are never part of a stop string.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from worker_orcd.engine.stop import StopMatcher
+from worker_orcd.gguf.reader import GGUFFile
+from worker_orcd.layers.sampler import sample
+from worker_orcd.models import load_model
+from worker_orcd.sampling_params import SamplingParams, new_seed
+from worker_orcd.tokenizer import Tokenizer, load_tokenizer
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when a GPU exists, the CPU otherwise (a development mode, not a fallback)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class TextChunk:
+    index: int  # 0-based count of chunks emitted so far
+    text: str  # whole UTF-8 characters, never empty
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    seed: int
+    stop_reason: str  # "eos", "max_tokens", "stop_sequence" or "context_length"
+    stop_sequence_matched: str | None
+    prefill_seconds: float  # time to the first token
+    decode_seconds: float  # time for the tokens after the first
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode speed: tokens after the first over the time they took."""
+        if len(self.token_ids) > 1 and self.decode_seconds > 0:
+            return (len(self.token_ids) - 1) / self.decode_seconds
+        return len(self.token_ids) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
+
+
+class LLM:
+    def __init__(self, gguf: GGUFFile, device: torch.device):
+        self.gguf = gguf
+        self.device = device
+        self.tokenizer: Tokenizer = load_tokenizer(gguf.metadata)
+        self.model = load_model(gguf, device)
+        self.context_length: int = self.model.config.context_length
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto") -> LLM:
+        return cls(GGUFFile(path), resolve_device(device))
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        return Generation(self, prompt_ids, params)
+
+
+class Generation:
+    """Iterate for the text chunks as they are decided; `result` is set once iteration ends."""
+
+    def __init__(self, llm: LLM, prompt_ids: list[int], params: SamplingParams):
+        if not prompt_ids:
+            raise ValueError("the prompt is empty: expected at least one token")
+        if len(prompt_ids) >= llm.context_length:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens: expected fewer than the model's "
+                f"context length of {llm.context_length}"
+            )
+        self.llm = llm
+        self.prompt_ids = list(prompt_ids)
+        self.params = params
+        self.seed = params.seed if params.seed is not None else new_seed()
+        self.result: GenerationResult | None = None
+
+    def __iter__(self) -> Iterator[TextChunk]:
+        llm, params = self.llm, self.params
+        budget = min(params.max_tokens, llm.context_length - len(self.prompt_ids))
+        cache = llm.model.new_kv_cache(len(self.prompt_ids) + budget)
+        generator = torch.Generator(device=llm.device).manual_seed(self.seed)
+        detokenizer = llm.tokenizer.detokenizer()
+        stops = StopMatcher(params.stop)
+        eog = frozenset() if params.ignore_eos else llm.tokenizer.eog_ids
+        tokens: list[int] = []
+        pieces: list[str] = []
+        stop_reason, matched = "max_tokens", None
+        start = time.perf_counter()
+        first_token_at = start
+        ids = torch.tensor(self.prompt_ids, device=llm.device)
+        position = 0
+        with torch.inference_mode():
+            while True:
+                positions = torch.arange(position, position + len(ids), device=llm.device)
+                hidden = llm.model(ids, positions, cache)
+                logits = llm.model.compute_logits(hidden[-1])
+                history = torch.tensor(tokens, dtype=torch.long, device=llm.device)
+                token = sample(logits, history, params, generator)
+                if not tokens:
+                    first_token_at = time.perf_counter()
+                position += len(ids)
+                if token in eog:
+                    stop_reason = "eos"
+                    break
+                tokens.append(token)
+                text, matched = stops.push(detokenizer.push(token))
+                if text:
+                    pieces.append(text)
+                    yield TextChunk(len(pieces) - 1, text)
+                if matched is not None:
+                    stop_reason = "stop_sequence"
+                    break
+                if len(tokens) == budget:
+                    stop_reason = "max_tokens" if budget == params.max_tokens else "context_length"
+                    break
+                ids = torch.tensor([token], device=llm.device)
+        if matched is None:
+            text, matched = stops.push(detokenizer.flush())
+            text += stops.flush() if matched is None else ""
+            if matched is not None:
+                stop_reason = "stop_sequence"
+            if text:
+                pieces.append(text)
+                yield TextChunk(len(pieces) - 1, text)
+        end = time.perf_counter()
+        self.result = GenerationResult(
+            prompt_token_ids=self.prompt_ids,
+            token_ids=tokens,
+            text="".join(pieces),
+            seed=self.seed,
+            stop_reason=stop_reason,
+            stop_sequence_matched=matched,
+            prefill_seconds=first_token_at - start,
+            decode_seconds=end - first_token_at,
+        )

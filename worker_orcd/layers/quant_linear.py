@@ -1,0 +1,76 @@
+"""Linear layers and embeddings whose weights stay in their GGUF blocks.
+
+`QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
+keeps a dequantized float32 copy for speed; on CUDA it never does: until the fused kernels plug
+in here, the weight is expanded into a transient tensor per call, so VRAM holds only the blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from torch import nn
+
+from worker_orcd.gguf.dequant import dequantize
+from worker_orcd.gguf.reader import GGUFFile
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    blocks: torch.Tensor  # uint8, the tensor's raw GGUF bytes
+    qtype: GGMLQuantizationType
+    shape: tuple[int, ...]  # outermost first: (out_features, in_features) for a matrix
+
+    @classmethod
+    def load(cls, gguf: GGUFFile, name: str, device: torch.device) -> QuantWeight:
+        info = gguf.tensors[name]
+        blocks = torch.from_numpy(np.array(gguf.tensor_data(name))).to(device)
+        return cls(blocks, info.qtype, info.shape)
+
+    @property
+    def row_bytes(self) -> int:
+        block_size, type_size = GGML_QUANT_SIZES[self.qtype]
+        return self.shape[-1] // block_size * type_size
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.blocks, self.qtype, self.shape)
+
+    def dequantize_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Only the requested rows of a matrix: an embedding lookup touches a few rows, not all."""
+        selected = self.blocks.view(self.shape[0], self.row_bytes)[rows]
+        return dequantize(selected, self.qtype, (*rows.shape, self.shape[-1]))
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.weight = weight
+        self.bias = bias
+        self._dense: torch.Tensor | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._dense_weight(), self.bias)
+
+    def _dense_weight(self) -> torch.Tensor:
+        if self.weight.blocks.device.type != "cpu":
+            return self.weight.dequantize()
+        if self._dense is None:
+            self._dense = self.weight.dequantize()
+        return self._dense
+
+
+class QuantEmbedding(nn.Module):
+    def __init__(self, weight: QuantWeight):
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight.dequantize_rows(ids)

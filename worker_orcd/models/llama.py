@@ -1,0 +1,176 @@
+"""The llama family: llama (SmolLM2, Llama 3) and qwen2 (Qwen2.5).
+
+Pre-norm decoder layers of RMSNorm, rotary grouped-query attention (qwen2 adds q/k/v biases) and
+a SwiGLU MLP; the output head is `output.weight` or, when the file has none, the tied embedding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from worker_orcd.gguf.reader import GGUFError, GGUFFile
+from worker_orcd.layers.activation import SiluAndMul
+from worker_orcd.layers.attention import Attention, KVCache
+from worker_orcd.layers.norm import RMSNorm
+from worker_orcd.layers.quant_linear import QuantEmbedding, QuantLinear, QuantWeight
+from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
+from worker_orcd.models.registry import register
+
+ROPE_STYLES = {"llama": RopeStyle.INTERLEAVED, "qwen2": RopeStyle.NEOX}
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_style: RopeStyle
+    context_length: int
+
+    @classmethod
+    def from_gguf(cls, gguf: GGUFFile) -> LlamaConfig:
+        arch = gguf.architecture
+
+        def key(name: str, default: object = None) -> object:
+            value = gguf.metadata.get(f"{arch}.{name}", default)
+            if value is None:
+                raise GGUFError(gguf.path, f"expected metadata key {arch}.{name}, found none")
+            return value
+
+        hidden = int(key("embedding_length"))
+        heads = int(key("attention.head_count"))
+        return cls(
+            architecture=arch,
+            vocab_size=gguf.tensors["token_embd.weight"].shape[0],
+            hidden_size=hidden,
+            intermediate_size=int(key("feed_forward_length")),
+            num_layers=int(key("block_count")),
+            num_heads=heads,
+            num_kv_heads=int(key("attention.head_count_kv", heads)),
+            head_dim=int(key("attention.key_length", hidden // heads)),
+            rms_norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(key("rope.freq_base", 10_000.0)),
+            rope_style=ROPE_STYLES[arch],
+            context_length=int(key("context_length")),
+        )
+
+
+WeightGetter = Callable[[str], QuantWeight]
+
+
+class LlamaAttention(nn.Module):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        index: int,
+        weight: WeightGetter,
+        bias: Callable[[str], torch.Tensor | None],
+        rotary: RotaryEmbedding,
+    ):
+        super().__init__()
+        prefix = f"blk.{index}"
+        self.q_proj = QuantLinear(weight(f"{prefix}.attn_q.weight"), bias(f"{prefix}.attn_q.bias"))
+        self.k_proj = QuantLinear(weight(f"{prefix}.attn_k.weight"), bias(f"{prefix}.attn_k.bias"))
+        self.v_proj = QuantLinear(weight(f"{prefix}.attn_v.weight"), bias(f"{prefix}.attn_v.bias"))
+        self.o_proj = QuantLinear(weight(f"{prefix}.attn_output.weight"))
+        self.rotary = rotary
+        self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim)
+        self.head_dim = config.head_dim
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        tokens = x.shape[0]
+        q = self.q_proj(x).view(tokens, -1, self.head_dim)
+        k = self.k_proj(x).view(tokens, -1, self.head_dim)
+        v = self.v_proj(x).view(tokens, -1, self.head_dim)
+        q, k = self.rotary(q, positions), self.rotary(k, positions)
+        return self.o_proj(self.attn(q, k, v, positions, cache))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, index: int, weight: WeightGetter):
+        super().__init__()
+        self.gate_proj = QuantLinear(weight(f"blk.{index}.ffn_gate.weight"))
+        self.up_proj = QuantLinear(weight(f"blk.{index}.ffn_up.weight"))
+        self.down_proj = QuantLinear(weight(f"blk.{index}.ffn_down.weight"))
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        index: int,
+        weight: WeightGetter,
+        vector: Callable[[str], torch.Tensor],
+        bias: Callable[[str], torch.Tensor | None],
+        rotary: RotaryEmbedding,
+    ):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_norm = RMSNorm(vector(f"blk.{index}.attn_norm.weight"), eps)
+        self.self_attn = LlamaAttention(config, index, weight, bias, rotary)
+        self.post_attention_norm = RMSNorm(vector(f"blk.{index}.ffn_norm.weight"), eps)
+        self.mlp = LlamaMLP(index, weight)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_norm(x), positions, cache)
+        return x + self.mlp(self.post_attention_norm(x))
+
+
+@register("llama", "qwen2")
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, gguf: GGUFFile, device: torch.device):
+        super().__init__()
+        config = LlamaConfig.from_gguf(gguf)
+        self.config = config
+        self.device = device
+
+        def weight(name: str) -> QuantWeight:
+            return QuantWeight.load(gguf, name, device)
+
+        def vector(name: str) -> torch.Tensor:
+            return weight(name).dequantize()
+
+        def bias(name: str) -> torch.Tensor | None:
+            return vector(name) if name in gguf.tensors else None
+
+        rotary = RotaryEmbedding(
+            config.head_dim, config.rope_theta, config.rope_style, config.context_length
+        ).to(device)
+        embedding = weight("token_embd.weight")
+        self.embed_tokens = QuantEmbedding(embedding)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, weight, vector, bias, rotary)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(vector("output_norm.weight"), config.rms_norm_eps)
+        has_head = "output.weight" in gguf.tensors
+        self.lm_head = QuantLinear(weight("output.weight") if has_head else embedding)
+
+    def new_kv_cache(self, max_positions: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, max_positions, c.num_kv_heads, c.head_dim, self.device)
+
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Hidden states after the final norm for `ids` at consecutive `positions`."""
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x, positions, cache)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)
