@@ -74,3 +74,17 @@ def test_generation_stops_at_the_context_length(llm: LLM, monkeypatch: pytest.Mo
     assert len(ids) + len(result.token_ids) == 12
     with pytest.raises(ValueError, match="context length of 12"):
         llm.generate(list(range(12)), SamplingParams())
+
+
+@pytest.mark.parametrize(
+    "prompt", ["你好世界", "Hello 👋 World 🌍", "Mixed: 日本語 English العربية"]
+)
+def test_streamed_text_is_whole_characters(llm: LLM, prompt: str):
+    """Spec M0-W-1824: max_tokens 20 at temperature 0.7; no chunk holds U+FFFD or half a char."""
+    for seed in range(3):
+        generation = llm.generate(
+            llm.tokenizer.encode(prompt), SamplingParams(temperature=0.7, seed=seed, max_tokens=20)
+        )
+        for chunk in generation:
+            assert "\ufffd" not in chunk.text
+            assert chunk.text.encode("utf-8").decode("utf-8") == chunk.text

@@ -1,0 +1,84 @@
+"""The command line as a user runs it: a real process on the real default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "worker_orcd.cli", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_generate_json_is_reproducible(smollm2_path: Path):
+    args = ("generate", "--json", "--temperature", "0.8", "--seed", "7", "--max-tokens", "12")
+    first = cli(*args, "The three primary colors are")
+    second = cli(*args, "The three primary colors are")
+    assert first.returncode == 0, first.stderr
+    result = json.loads(first.stdout)
+    assert set(result) == {
+        "text",
+        "token_ids",
+        "prompt_token_ids",
+        "seed",
+        "stop_reason",
+        "tokens_per_second",
+    }
+    assert result["seed"] == 7
+    assert result["stop_reason"] in {"eos", "max_tokens"}
+    assert 0 < len(result["token_ids"]) <= 12
+    assert result["prompt_token_ids"] and result["tokens_per_second"] > 0
+    assert json.loads(second.stdout)["token_ids"] == result["token_ids"]
+
+
+def test_generate_streams_text_and_reports_speed(smollm2_path: Path):
+    run = cli("generate", "--chat", "--temperature", "0", "--max-tokens", "16", "What is 2+2?")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip()
+    assert "tok/s" in run.stderr and "seed" in run.stderr
+
+
+def clean_failure(run: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert run.returncode == 1
+    assert "Traceback" not in run.stderr
+    assert expected in run.stderr.strip().splitlines()[-1]
+
+
+def test_a_malformed_model_fails_with_one_clear_line(tmp_path: Path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF\x02\x00\x00\x00" + bytes(64))
+    clean_failure(cli("generate", "--model", str(bad), "hi"), f"invalid GGUF file {bad}")
+    clean_failure(cli("inspect", str(bad)), "expected version 3, found 2")
+
+
+def test_an_unregistered_architecture_is_refused(gemma_path: Path):
+    clean_failure(
+        cli("generate", "--model", str(gemma_path), "hi"), "Unsupported architecture: gemma3"
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (("--temperature", "3"), "temperature=3.0"),
+        (("--model", "no-such-model"), "neither an existing file nor a known name"),
+    ],
+)
+def test_bad_arguments_fail_cleanly(args: tuple[str, ...], expected: str):
+    clean_failure(cli("generate", *args, "hi"), expected)
+
+
+def test_models_list_and_inspect(smollm2_path: Path):
+    listing = cli("models", "list")
+    assert listing.returncode == 0
+    for name in ("smollm2-135m (default)", "qwen2.5-coder-0.5b", "gemma3-270m"):
+        assert name in listing.stdout
+    assert str(smollm2_path) in listing.stdout
+    report = cli("inspect", "smollm2-135m")
+    assert report.returncode == 0, report.stderr
+    assert "general.architecture" in report.stdout and "Q4_1" in report.stdout
