@@ -1,4 +1,4 @@
-"""`worker-orcd`: generate | models | inspect.
+"""`worker-orcd`: serve | generate | models | inspect.
 
 Errors a user can cause (a bad file, an unknown model, bad parameters) end with one line on
 stderr and exit code 1, never a traceback.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import uuid
 from collections.abc import Callable
 
 from worker_orcd import model_store
@@ -83,6 +84,35 @@ def cmd_generate(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from worker_orcd.server.main import ServeOptions, serve
+
+    options = ServeOptions(
+        worker_id=args.worker_id,
+        model=args.model,
+        gpu_device=args.gpu_device,
+        port=args.port,
+        host=args.host,
+        device=args.device,
+        callback_url=args.callback_url,
+    )
+    raise SystemExit(serve(options))
+
+
+def worker_id(value: str) -> str:
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a UUID, found {value!r}") from None
+
+
+def port(value: str) -> int:
+    number = int(value)
+    if not 1024 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1024 to 65535, found {number}")
+    return number
+
+
 def cmd_models_pull(args: argparse.Namespace) -> None:
     names = list(model_store.CATALOG) if args.all else [args.name]
     for name in names:
@@ -130,6 +160,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
     generate.set_defaults(run=cmd_generate)
+
+    serve = commands.add_parser("serve", help="run the HTTP worker (SSE, health, cancel, /v1)")
+    serve.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
+    serve.add_argument(
+        "--worker-id",
+        type=worker_id,
+        default=str(uuid.uuid4()),
+        help="this worker's UUID (default: a new one)",
+    )
+    serve.add_argument("--gpu-device", type=int, default=0, help="CUDA device index")
+    serve.add_argument("--port", type=port, default=8080)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    serve.add_argument(
+        "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
+    )
+    serve.set_defaults(run=cmd_serve)
 
     models = commands.add_parser("models", help="the offline model store")
     models_commands = models.add_subparsers(dest="models_command", required=True)

@@ -7,8 +7,9 @@ matcher, so what reaches the caller is whole characters that are never part of a
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ class GenerationResult:
     token_ids: list[int]
     text: str
     seed: int
-    stop_reason: str  # "eos", "max_tokens", "stop_sequence" or "context_length"
+    stop_reason: str  # "eos", "max_tokens", "stop_sequence", "context_length" or "cancelled"
     stop_sequence_matched: str | None
     prefill_seconds: float  # time to the first token
     decode_seconds: float  # time for the tokens after the first
@@ -57,23 +58,31 @@ class GenerationResult:
 
 
 class LLM:
-    def __init__(self, gguf: GGUFFile, device: torch.device):
+    def __init__(
+        self, gguf: GGUFFile, device: torch.device, progress: Callable[[int], None] | None = None
+    ):
         self.gguf = gguf
         self.device = device
         self.tokenizer: Tokenizer = load_tokenizer(gguf.metadata)
-        self.model = load_model(gguf, device)
+        self.model = load_model(gguf, device, progress)
         self.context_length: int = self.model.config.context_length
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto") -> LLM:
-        return cls(GGUFFile(path), resolve_device(device))
+    def load(
+        cls, path: str | Path, device: str = "auto", progress: Callable[[int], None] | None = None
+    ) -> LLM:
+        return cls(GGUFFile(path), resolve_device(device), progress)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         return Generation(self, prompt_ids, params)
 
 
 class Generation:
-    """Iterate for the text chunks as they are decided; `result` is set once iteration ends."""
+    """Iterate for the text chunks as they are decided; `result` is set once iteration ends.
+
+    `cancel()` may be called from any thread: the loop checks it before every model step, so a
+    cancelled generation ends within one step with stop reason "cancelled".
+    """
 
     def __init__(self, llm: LLM, prompt_ids: list[int], params: SamplingParams):
         if not prompt_ids:
@@ -88,6 +97,10 @@ class Generation:
         self.params = params
         self.seed = params.seed if params.seed is not None else new_seed()
         self.result: GenerationResult | None = None
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
 
     def __iter__(self) -> Iterator[TextChunk]:
         llm, params = self.llm, self.params
@@ -106,6 +119,9 @@ class Generation:
         position = 0
         with torch.inference_mode():
             while True:
+                if self._cancelled.is_set():
+                    stop_reason = "cancelled"
+                    break
                 positions = torch.arange(position, position + len(ids), device=llm.device)
                 hidden = llm.model(ids, positions, cache)
                 logits = llm.model.compute_logits(hidden[-1])
@@ -129,7 +145,7 @@ class Generation:
                     stop_reason = "max_tokens" if budget == params.max_tokens else "context_length"
                     break
                 ids = torch.tensor([token], device=llm.device)
-        if matched is None:
+        if matched is None and stop_reason != "cancelled":
             text, matched = stops.push(detokenizer.flush())
             text += stops.flush() if matched is None else ""
             if matched is not None:

@@ -50,7 +50,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         self.weight = weight
         self.bias = bias
-        self._dense: torch.Tensor | None = None
+        self._dense = weight.dequantize() if weight.blocks.device.type == "cpu" else None
 
     @property
     def out_features(self) -> int:
@@ -60,11 +60,7 @@ class QuantLinear(nn.Module):
         return F.linear(x, self._dense_weight(), self.bias)
 
     def _dense_weight(self) -> torch.Tensor:
-        if self.weight.blocks.device.type != "cpu":
-            return self.weight.dequantize()
-        if self._dense is None:
-            self._dense = self.weight.dequantize()
-        return self._dense
+        return self._dense if self._dense is not None else self.weight.dequantize()
 
 
 class QuantEmbedding(nn.Module):

@@ -6,7 +6,6 @@ a SwiGLU MLP; the output head is `output.weight` or, when the file has none, the
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -16,9 +15,10 @@ from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.layers.activation import SiluAndMul
 from worker_orcd.layers.attention import Attention, KVCache
 from worker_orcd.layers.norm import RMSNorm
-from worker_orcd.layers.quant_linear import QuantEmbedding, QuantLinear, QuantWeight
+from worker_orcd.layers.quant_linear import QuantEmbedding, QuantLinear
 from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
 from worker_orcd.models.registry import register
+from worker_orcd.models.weights import WeightLoader
 
 ROPE_STYLES = {"llama": RopeStyle.INTERLEAVED, "qwen2": RopeStyle.NEOX}
 
@@ -66,24 +66,22 @@ class LlamaConfig:
         )
 
 
-WeightGetter = Callable[[str], QuantWeight]
-
-
 class LlamaAttention(nn.Module):
     def __init__(
-        self,
-        config: LlamaConfig,
-        index: int,
-        weight: WeightGetter,
-        bias: Callable[[str], torch.Tensor | None],
-        rotary: RotaryEmbedding,
+        self, config: LlamaConfig, index: int, weights: WeightLoader, rotary: RotaryEmbedding
     ):
         super().__init__()
-        prefix = f"blk.{index}"
-        self.q_proj = QuantLinear(weight(f"{prefix}.attn_q.weight"), bias(f"{prefix}.attn_q.bias"))
-        self.k_proj = QuantLinear(weight(f"{prefix}.attn_k.weight"), bias(f"{prefix}.attn_k.bias"))
-        self.v_proj = QuantLinear(weight(f"{prefix}.attn_v.weight"), bias(f"{prefix}.attn_v.bias"))
-        self.o_proj = QuantLinear(weight(f"{prefix}.attn_output.weight"))
+
+        def projection(name: str) -> QuantLinear:
+            prefix = f"blk.{index}.attn_{name}"
+            return QuantLinear(
+                weights.quant(f"{prefix}.weight"), weights.optional_vector(f"{prefix}.bias")
+            )
+
+        self.q_proj = projection("q")
+        self.k_proj = projection("k")
+        self.v_proj = projection("v")
+        self.o_proj = projection("output")
         self.rotary = rotary
         self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim)
         self.head_dim = config.head_dim
@@ -98,11 +96,11 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, index: int, weight: WeightGetter):
+    def __init__(self, index: int, weights: WeightLoader):
         super().__init__()
-        self.gate_proj = QuantLinear(weight(f"blk.{index}.ffn_gate.weight"))
-        self.up_proj = QuantLinear(weight(f"blk.{index}.ffn_up.weight"))
-        self.down_proj = QuantLinear(weight(f"blk.{index}.ffn_down.weight"))
+        self.gate_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_gate.weight"))
+        self.up_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_up.weight"))
+        self.down_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_down.weight"))
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,20 +109,14 @@ class LlamaMLP(nn.Module):
 
 class LlamaDecoderLayer(nn.Module):
     def __init__(
-        self,
-        config: LlamaConfig,
-        index: int,
-        weight: WeightGetter,
-        vector: Callable[[str], torch.Tensor],
-        bias: Callable[[str], torch.Tensor | None],
-        rotary: RotaryEmbedding,
+        self, config: LlamaConfig, index: int, weights: WeightLoader, rotary: RotaryEmbedding
     ):
         super().__init__()
         eps = config.rms_norm_eps
-        self.input_norm = RMSNorm(vector(f"blk.{index}.attn_norm.weight"), eps)
-        self.self_attn = LlamaAttention(config, index, weight, bias, rotary)
-        self.post_attention_norm = RMSNorm(vector(f"blk.{index}.ffn_norm.weight"), eps)
-        self.mlp = LlamaMLP(index, weight)
+        self.input_norm = RMSNorm(weights.vector(f"blk.{index}.attn_norm.weight"), eps)
+        self.self_attn = LlamaAttention(config, index, weights, rotary)
+        self.post_attention_norm = RMSNorm(weights.vector(f"blk.{index}.ffn_norm.weight"), eps)
+        self.mlp = LlamaMLP(index, weights)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_norm(x), positions, cache)
@@ -133,33 +125,22 @@ class LlamaDecoderLayer(nn.Module):
 
 @register("llama", "qwen2")
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, gguf: GGUFFile, device: torch.device):
+    def __init__(self, weights: WeightLoader):
         super().__init__()
-        config = LlamaConfig.from_gguf(gguf)
+        config = LlamaConfig.from_gguf(weights.gguf)
         self.config = config
-        self.device = device
-
-        def weight(name: str) -> QuantWeight:
-            return QuantWeight.load(gguf, name, device)
-
-        def vector(name: str) -> torch.Tensor:
-            return weight(name).dequantize()
-
-        def bias(name: str) -> torch.Tensor | None:
-            return vector(name) if name in gguf.tensors else None
-
+        self.device = weights.device
         rotary = RotaryEmbedding(
             config.head_dim, config.rope_theta, config.rope_style, config.context_length
-        ).to(device)
-        embedding = weight("token_embd.weight")
+        ).to(self.device)
+        embedding = weights.quant("token_embd.weight")
         self.embed_tokens = QuantEmbedding(embedding)
         self.layers = nn.ModuleList(
-            LlamaDecoderLayer(config, i, weight, vector, bias, rotary)
-            for i in range(config.num_layers)
+            LlamaDecoderLayer(config, i, weights, rotary) for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(vector("output_norm.weight"), config.rms_norm_eps)
-        has_head = "output.weight" in gguf.tensors
-        self.lm_head = QuantLinear(weight("output.weight") if has_head else embedding)
+        self.norm = RMSNorm(weights.vector("output_norm.weight"), config.rms_norm_eps)
+        has_head = weights.has("output.weight")
+        self.lm_head = QuantLinear(weights.quant("output.weight") if has_head else embedding)
 
     def new_kv_cache(self, max_positions: int) -> KVCache:
         c = self.config

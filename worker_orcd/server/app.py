@@ -1,0 +1,207 @@
+"""The M0 HTTP API (spec sections 1-3): `/execute` (SSE), `/health`, `/cancel`, OpenAI `/v1`."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from worker_orcd import __version__
+from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
+from worker_orcd.sampling_params import SamplingParams
+from worker_orcd.server import openai_api
+from worker_orcd.server.middleware import WorkerMiddleware
+from worker_orcd.server.narration import Narrator, prompt_digest
+from worker_orcd.server.schemas import (
+    MAX_STOP_TOKENS,
+    CancelRequest,
+    ErrorBody,
+    ExecuteRequest,
+    FieldError,
+    ValidationErrorBody,
+    field_errors,
+)
+
+REJECTION_STATUS = {"DUPLICATE_JOB_ID": 409, "SHUTTING_DOWN": 503, "INVALID_REQUEST": 400}
+
+
+@dataclass
+class Worker:
+    """What the HTTP layer knows of the loaded worker; `/health` answers from it alone."""
+
+    engine: Engine
+    narrate: Narrator
+    model_name: str
+    device: str
+    quant_kind: str
+    resident: bool
+    vram_bytes_used: int
+    started: float  # time.monotonic() at startup
+    healthy: bool = True
+
+    def health(self) -> dict[str, Any]:
+        llm = self.engine.llm
+        return {
+            "status": "healthy" if self.healthy else "unhealthy",
+            "model": self.model_name,
+            "resident": self.resident,
+            "quant_kind": self.quant_kind,
+            "vram_bytes_used": self.vram_bytes_used,
+            "tokenizer_kind": llm.tokenizer.kind,
+            "vocab_size": llm.tokenizer.vocab_size,
+            "context_length": llm.context_length,
+            "device": self.device,
+            "uptime_seconds": int(time.monotonic() - self.started),
+        }
+
+
+def invalid(*errors: FieldError) -> JSONResponse:
+    return JSONResponse(ValidationErrorBody(errors=list(errors)).model_dump(exclude_none=True), 400)
+
+
+def sse(event: str, **data: Any) -> dict[str, str]:
+    return {"event": event, "data": json.dumps({"type": event, **data}, ensure_ascii=False)}
+
+
+async def execute_events(worker: Worker, job: Job) -> AsyncIterator[dict[str, str]]:
+    """started -> token* -> [metrics] -> end | error; a client that leaves cancels its job."""
+    finished = False
+    try:
+        async for event in job.events():
+            match event:
+                case Started(seed=seed):
+                    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+                    yield sse(
+                        "started",
+                        job_id=job.job_id,
+                        model=worker.model_name,
+                        started_at=started_at.replace("+00:00", "Z"),
+                        seed=seed,
+                    )
+                case Token(index=index, text=text):
+                    yield sse("token", t=text, i=index)
+                case Finished(result=result):
+                    finished = True
+                    yield sse(
+                        "metrics",
+                        tokens_per_sec=round(result.tokens_per_second, 2),
+                        vram_bytes=worker.vram_bytes_used,
+                    )
+                    end = {
+                        "tokens_out": len(result.token_ids),
+                        "decode_time_ms": round(
+                            1000 * (result.prefill_seconds + result.decode_seconds)
+                        ),
+                        "stop_reason": result.stop_reason,
+                    }
+                    if result.stop_sequence_matched is not None:
+                        end["stop_sequence_matched"] = result.stop_sequence_matched
+                    yield sse("end", **end)
+                case Failed(code=code, message=message, retriable=retriable):
+                    finished = True
+                    yield sse("error", code=code, message=message, retriable=retriable)
+    finally:
+        if not finished:
+            worker.engine.cancel(job.job_id)
+
+
+def create_app(worker: Worker) -> FastAPI:
+    app = FastAPI(
+        title="worker-orcd",
+        version=__version__,
+        summary="Inference worker for one GGUF model: SSE streaming, seeded sampling.",
+    )
+    app.add_middleware(WorkerMiddleware)
+    app.state.worker = worker
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_failed(request: Request, error: RequestValidationError) -> JSONResponse:
+        if request.url.path.startswith("/v1/"):
+            return openai_api.invalid_request(error.errors())
+        return invalid(*field_errors(list(error.errors())))
+
+    @app.post(
+        "/execute",
+        response_class=EventSourceResponse,
+        responses={
+            200: {"description": "SSE: started, token*, metrics, then end or error"},
+            400: {"model": ValidationErrorBody},
+            409: {"model": ErrorBody, "description": "the job_id is already queued or running"},
+            413: {"model": ErrorBody},
+            503: {"model": ErrorBody, "description": "the worker is shutting down"},
+        },
+    )
+    async def execute(body: ExecuteRequest, request: Request):
+        """Run one job; requests that arrive while one runs wait their turn, in order."""
+        tokenizer = worker.engine.llm.tokenizer
+        prompt_ids = tokenizer.encode(body.prompt)
+        errors = []
+        if body.top_k > tokenizer.vocab_size:
+            errors.append(
+                FieldError(
+                    field="top_k",
+                    constraint=f"range(<={tokenizer.vocab_size})",
+                    message=f"top_k: at most the vocabulary size {tokenizer.vocab_size}",
+                    value=str(body.top_k),
+                )
+            )
+        for index, stop in enumerate(body.stop):
+            if len(tokenizer.encode(stop, add_special=False)) > MAX_STOP_TOKENS:
+                errors.append(
+                    FieldError(
+                        field=f"stop.{index}",
+                        constraint=f"max_tokens({MAX_STOP_TOKENS})",
+                        message=f"stop.{index}: at most {MAX_STOP_TOKENS} tokens",
+                    )
+                )
+        if len(prompt_ids) >= worker.engine.llm.context_length:
+            limit = worker.engine.llm.context_length - 1
+            errors.append(
+                FieldError(
+                    field="prompt",
+                    constraint=f"max_tokens({limit})",
+                    message=f"prompt: {len(prompt_ids)} tokens, at most {limit} fit the context",
+                )
+            )
+        if errors:
+            return invalid(*errors)
+        params = SamplingParams(
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            min_p=body.min_p,
+            repetition_penalty=body.repetition_penalty,
+            seed=body.seed,
+            stop=tuple(body.stop),
+        )
+        context = {"correlation_id": request.state.correlation_id, **prompt_digest(body.prompt)}
+        try:
+            job = worker.engine.submit(body.job_id, prompt_ids, params, context)
+        except JobRejected as rejected:
+            return JSONResponse(
+                ErrorBody(code=rejected.code, message=str(rejected)).model_dump(),
+                REJECTION_STATUS[rejected.code],
+            )
+        return EventSourceResponse(execute_events(worker, job))
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        """The worker's state, from cached values only (no GPU calls)."""
+        return worker.health()
+
+    @app.post("/cancel", status_code=202)
+    async def cancel(body: CancelRequest) -> dict[str, Any]:
+        """Idempotent: the job's stream ends with `error` CANCELLED; unknown ids are accepted."""
+        return {"job_id": body.job_id, "cancelled": worker.engine.cancel(body.job_id)}
+
+    app.include_router(openai_api.router(worker))
+    return app
