@@ -1,4 +1,4 @@
-"""`worker-orcd`: serve | generate | models | inspect.
+"""`worker-orcd`: serve | generate | bench | synth | models | inspect.
 
 Errors a user can cause (a bad file, an unknown model, bad parameters) end with one line on
 stderr and exit code 1, never a traceback.
@@ -11,9 +11,11 @@ import json
 import sys
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 from worker_orcd import model_store
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
+from worker_orcd.gguf.synth import PRESETS as PRESET_NAMES
 from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.tokenizer import TokenizerError
@@ -113,6 +115,27 @@ def port(value: str) -> int:
     return number
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from worker_orcd.bench import run_bench
+
+    path = model_store.resolve(args.model, log)
+    report = run_bench(path, args.device, args.prompt_tokens, args.gen_tokens, args.repeats)
+    print(json.dumps(report.as_dict()) if args.json else report.table())
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from worker_orcd.gguf.synth import synthesize
+
+    path = synthesize(
+        args.preset,
+        args.output,
+        layers=args.layers,
+        tokenizer_from=args.tokenizer_from,
+        seed=args.seed,
+    )
+    log(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
 def cmd_models_pull(args: argparse.Namespace) -> None:
     names = list(model_store.CATALOG) if args.all else [args.name]
     for name in names:
@@ -177,6 +200,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
     )
     serve.set_defaults(run=cmd_serve)
+
+    bench = commands.add_parser("bench", help="prefill and decode speed, like llama-bench")
+    bench.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
+    bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    bench.add_argument("--prompt-tokens", type=int, default=512, help="pp: prefill length")
+    bench.add_argument("--gen-tokens", type=int, default=128, help="tg: tokens generated")
+    bench.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(run=cmd_bench)
+
+    synth = commands.add_parser("synth", help="write a random-weight GGUF of a real model's shape")
+    synth.add_argument("--preset", required=True, choices=sorted(PRESET_NAMES))
+    synth.add_argument("--output", required=True, type=Path)
+    synth.add_argument("--layers", type=int, help="fewer layers than the preset, for quick tests")
+    synth.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer of this GGUF")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=cmd_synth)
 
     models = commands.add_parser("models", help="the offline model store")
     models_commands = models.add_subparsers(dest="models_command", required=True)

@@ -71,6 +71,7 @@ class Job:
         self.params = params
         self.context = context  # the caller's, for listeners (say, a correlation id for logs)
         self.done = False
+        self._taken = False  # set, under the engine's lock, once the job leaves the queue
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
@@ -142,32 +143,51 @@ class Engine:
         return job
 
     def cancel(self, job_id: str) -> bool:
-        """Ask a queued or running job to end; False when no such job is active."""
+        """End a queued job now, a running one within a model step; False when none is active."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
             return False
-        job.cancel()
+        self.abort(job, "cancelled by request")
         return True
+
+    def abort(self, job: Job, reason: str = "the client went away") -> None:
+        """Like `cancel`, for a caller that holds the job itself (its id may be reused later)."""
+        if not self._end_if_queued(job, reason):
+            job.cancel(reason)
 
     def shutdown(self) -> None:
         """Refuse new jobs, end the queued ones, let the running one finish, stop the thread."""
         with self._lock:
             self._accepting = False
-            queued = list(self._jobs.values())
-        for job in queued:
-            if job._generation is None:  # still queued
-                job.cancel("the worker is shutting down")
+            jobs = list(self._jobs.values())
+        for job in jobs:
+            self._end_if_queued(job, "the worker is shutting down")
         self._queue.put(None)
         self._thread.join()
 
+    def _end_if_queued(self, job: Job, reason: str) -> bool:
+        """End a job that has not started yet now (`started`, then `error` CANCELLED), rather
+        than when the jobs ahead of it are done; the engine thread then skips it."""
+        with self._lock:
+            if job._taken:
+                return False
+            job._taken = True
+        job.done = True
+        self._send(job, Started(job.params.seed, len(job.prompt_ids)))
+        self._send(job, Failed("CANCELLED", reason, retriable=False))
+        return True
+
     def _run(self) -> None:
         while (job := self._queue.get()) is not None:
+            with self._lock:
+                if job._taken:  # cancelled while queued: its stream has already ended
+                    continue
+                job._taken = True
             try:
                 self._execute(job)
             finally:
-                with self._lock:
-                    self._jobs.pop(job.job_id, None)
+                self._release(job)
                 job.done = True
 
     def _execute(self, job: Job) -> None:
@@ -180,9 +200,9 @@ class Engine:
             for chunk in generation:
                 self._send(job, Token(chunk.index, chunk.text))
         except torch.OutOfMemoryError as error:
-            del generation
+            job._generation = None
             if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+                torch.cuda.empty_cache()  # give back what the failed step allocated
             self._send(job, Failed("VRAM_OOM", f"out of GPU memory: {error}", retriable=True))
             return
         except Exception as error:  # the job fails; the worker stays up
@@ -195,6 +215,16 @@ class Engine:
         else:
             self._send(job, Finished(result))
 
+    def _release(self, job: Job) -> None:
+        """Free the job's id, unless a later job already took it."""
+        with self._lock:
+            if self._jobs.get(job.job_id) is job:
+                del self._jobs[job.job_id]
+
     def _send(self, job: Job, event: Event) -> None:
+        if isinstance(event, Finished | Failed):
+            # Free the id before the client can see the end: an immediate resubmission of the
+            # same job_id must not race the engine thread into a 409.
+            self._release(job)
         self._listener(job, event)
         job._emit(event)

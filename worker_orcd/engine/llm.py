@@ -15,12 +15,15 @@ from pathlib import Path
 
 import torch
 
+from worker_orcd.engine.model_runner import ModelRunner
 from worker_orcd.engine.stop import StopMatcher
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.layers.sampler import sample
 from worker_orcd.models import load_model
 from worker_orcd.sampling_params import SamplingParams, new_seed
 from worker_orcd.tokenizer import Tokenizer, load_tokenizer
+
+DEFAULT_MAX_CONTEXT = 8192  # KV cache positions allocated when a model allows more
 
 
 def resolve_device(name: str) -> torch.device:
@@ -58,20 +61,39 @@ class GenerationResult:
 
 
 class LLM:
+    """A loaded model, its tokenizer, and a runner whose KV cache holds `context_length`
+    positions: the model's own context, capped at `max_context` (the cache is allocated once)."""
+
     def __init__(
-        self, gguf: GGUFFile, device: torch.device, progress: Callable[[int], None] | None = None
+        self,
+        gguf: GGUFFile,
+        device: torch.device,
+        progress: Callable[[int], None] | None = None,
+        max_context: int = DEFAULT_MAX_CONTEXT,
     ):
         self.gguf = gguf
         self.device = device
         self.tokenizer: Tokenizer = load_tokenizer(gguf.metadata)
+        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
         self.model = load_model(gguf, device, progress)
-        self.context_length: int = self.model.config.context_length
+        # Device memory the weights take (the KV cache comes after); on the CPU, the file's
+        # tensor bytes (the development mode also keeps float32 copies).
+        if device.type == "cuda":
+            self.weights_bytes = torch.cuda.memory_allocated(device) - before
+        else:
+            self.weights_bytes = sum(info.nbytes for info in gguf.tensors.values())
+        self.context_length: int = min(self.model.config.context_length, max_context)
+        self.runner = ModelRunner(self.model, device, self.context_length)
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "auto", progress: Callable[[int], None] | None = None
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        progress: Callable[[int], None] | None = None,
+        max_context: int = DEFAULT_MAX_CONTEXT,
     ) -> LLM:
-        return cls(GGUFFile(path), resolve_device(device), progress)
+        return cls(GGUFFile(path), resolve_device(device), progress, max_context)
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
         return Generation(self, prompt_ids, params)
@@ -105,7 +127,6 @@ class Generation:
     def __iter__(self) -> Iterator[TextChunk]:
         llm, params = self.llm, self.params
         budget = min(params.max_tokens, llm.context_length - len(self.prompt_ids))
-        cache = llm.model.new_kv_cache(len(self.prompt_ids) + budget)
         generator = torch.Generator(device=llm.device).manual_seed(self.seed)
         detokenizer = llm.tokenizer.detokenizer()
         stops = StopMatcher(params.stop)
@@ -115,21 +136,19 @@ class Generation:
         stop_reason, matched = "max_tokens", None
         start = time.perf_counter()
         first_token_at = start
-        ids = torch.tensor(self.prompt_ids, device=llm.device)
-        position = 0
         with torch.inference_mode():
             while True:
                 if self._cancelled.is_set():
                     stop_reason = "cancelled"
                     break
-                positions = torch.arange(position, position + len(ids), device=llm.device)
-                hidden = llm.model(ids, positions, cache)
-                logits = llm.model.compute_logits(hidden[-1])
+                if tokens:
+                    logits = llm.runner.decode(tokens[-1], len(self.prompt_ids) + len(tokens) - 1)
+                else:
+                    logits = llm.runner.prefill(self.prompt_ids)
                 history = torch.tensor(tokens, dtype=torch.long, device=llm.device)
                 token = sample(logits, history, params, generator)
                 if not tokens:
                     first_token_at = time.perf_counter()
-                position += len(ids)
                 if token in eog:
                     stop_reason = "eos"
                     break
@@ -144,7 +163,6 @@ class Generation:
                 if len(tokens) == budget:
                     stop_reason = "max_tokens" if budget == params.max_tokens else "context_length"
                     break
-                ids = torch.tensor([token], device=llm.device)
         if matched is None and stop_reason != "cancelled":
             text, matched = stops.push(detokenizer.flush())
             text += stops.flush() if matched is None else ""

@@ -1,4 +1,5 @@
-"""Grouped-query attention over a per-sequence KV cache."""
+"""Grouped-query attention over a KV cache: torch SDPA for prefill, a Triton kernel for CUDA
+decode. Positions past the filled length are never read, so the cache starts uninitialized."""
 
 from __future__ import annotations
 
@@ -6,9 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker_orcd.kernels.decode_attention import decode_attention
+
 
 class KVCache:
-    """Keys and values of one sequence for every layer: (layers, positions, kv_heads, head_dim)."""
+    """Keys and values for every layer: (layers, positions, kv_heads, head_dim)."""
 
     def __init__(
         self,
@@ -20,8 +23,8 @@ class KVCache:
         dtype: torch.dtype = torch.float32,
     ):
         shape = (layers, max_positions, kv_heads, head_dim)
-        self.keys = torch.zeros(shape, device=device, dtype=dtype)
-        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.keys = torch.empty(shape, device=device, dtype=dtype)
+        self.values = torch.empty(shape, device=device, dtype=dtype)
 
     @property
     def max_positions(self) -> int:
@@ -45,11 +48,15 @@ class Attention(nn.Module):
         cache: KVCache,
     ) -> torch.Tensor:
         """q (tokens, heads, dim); k, v (tokens, kv_heads, dim) at consecutive `positions`."""
-        start, tokens = int(positions[0]), q.shape[0]
-        end = start + tokens
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
-        keys[start:end] = k
-        values[start:end] = v
+        keys.index_copy_(0, positions, k)  # positions stay on the device: graph-safe
+        values.index_copy_(0, positions, v)
+        tokens = q.shape[0]
+        if tokens == 1 and q.is_cuda:
+            length = positions[-1:] + 1
+            return decode_attention(q[0], keys, values, length, self.scale).view(1, -1)
+        start = int(positions[0])
+        end = start + tokens
         mask = None
         if tokens > 1:  # each new token sees the cached prefix and the new tokens up to itself
             mask = torch.ones(tokens, end, dtype=torch.bool, device=q.device).tril(diagonal=start)

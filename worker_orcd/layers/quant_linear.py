@@ -1,8 +1,8 @@
 """Linear layers and embeddings whose weights stay in their GGUF blocks.
 
 `QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
-keeps a dequantized float32 copy for speed; on CUDA it never does: until the fused kernels plug
-in here, the weight is expanded into a transient tensor per call, so VRAM holds only the blocks.
+keeps a dequantized float32 copy for speed; on CUDA it never does: the Triton kernel dequantizes
+tiles in registers inside the matmul, so VRAM holds only the blocks.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
+from worker_orcd.kernels.quant_matmul import quant_matmul
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,12 @@ class QuantLinear(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._dense_weight(), self.bias)
-
-    def _dense_weight(self) -> torch.Tensor:
-        return self._dense if self._dense is not None else self.weight.dequantize()
+        if self._dense is not None:
+            return F.linear(x, self._dense, self.bias)
+        w = self.weight
+        y = quant_matmul(x.reshape(-1, x.shape[-1]), w.blocks, w.qtype, w.shape)
+        y = y.view(*x.shape[:-1], w.shape[0])
+        return y if self.bias is None else y + self.bias
 
 
 class QuantEmbedding(nn.Module):

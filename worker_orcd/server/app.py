@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
+from starlette.concurrency import run_in_threadpool
 
 from worker_orcd import __version__
 from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
@@ -29,6 +30,7 @@ from worker_orcd.server.schemas import (
     ValidationErrorBody,
     field_errors,
 )
+from worker_orcd.server.streaming import event_stream
 
 REJECTION_STATUS = {"DUPLICATE_JOB_ID": 409, "SHUTTING_DOWN": 503, "INVALID_REQUEST": 400}
 
@@ -110,7 +112,7 @@ async def execute_events(worker: Worker, job: Job) -> AsyncIterator[dict[str, st
                     yield sse("error", code=code, message=message, retriable=retriable)
     finally:
         if not finished:
-            worker.engine.cancel(job.job_id)
+            worker.engine.abort(job)
 
 
 def create_app(worker: Worker) -> FastAPI:
@@ -142,7 +144,7 @@ def create_app(worker: Worker) -> FastAPI:
     async def execute(body: ExecuteRequest, request: Request):
         """Run one job; requests that arrive while one runs wait their turn, in order."""
         tokenizer = worker.engine.llm.tokenizer
-        prompt_ids = tokenizer.encode(body.prompt)
+        prompt_ids = await run_in_threadpool(tokenizer.encode, body.prompt)
         errors = []
         if body.top_k > tokenizer.vocab_size:
             errors.append(
@@ -191,7 +193,7 @@ def create_app(worker: Worker) -> FastAPI:
                 ErrorBody(code=rejected.code, message=str(rejected)).model_dump(),
                 REJECTION_STATUS[rejected.code],
             )
-        return EventSourceResponse(execute_events(worker, job))
+        return event_stream(worker.engine, job, execute_events(worker, job))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:

@@ -52,20 +52,28 @@ class WorkerMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             await self._too_large(send_with_id)
             return
+        # Read the body here, up to the limit, then replay it: raising from `receive` instead
+        # reached FastAPI's body parser, which answers any error there with a 400.
+        chunks: list[bytes] = []
         received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
+            if message["type"] != "http.request":  # the client left mid-body
+                break
             received += len(message.get("body", b""))
             if received > self.max_body_bytes:
-                raise BodyTooLarge
-            return message
+                await self._too_large(send_with_id)
+                return
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                message = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+                break
+        replay = [message]
 
-        try:
-            await self.app(scope, counted_receive, send_with_id)
-        except BodyTooLarge:
-            await self._too_large(send_with_id)
+        async def replayed_receive() -> Message:
+            return replay.pop() if replay else await receive()
+
+        await self.app(scope, replayed_receive, send_with_id)
 
     async def _too_large(self, send: Send) -> None:
         body = json.dumps(
@@ -81,7 +89,3 @@ class WorkerMiddleware:
         ]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class BodyTooLarge(Exception):
-    pass

@@ -91,8 +91,10 @@ def field_errors(errors: list[dict[str, Any]]) -> list[FieldError]:
         location = [str(part) for part in error["loc"] if part != "body"]
         field = "body" if error["type"] == "json_invalid" else ".".join(location) or "body"
         value = None
-        if "input" in error and field.split(".")[0] not in PRIVATE_FIELDS:
-            value = str(error["input"])[:200] if error["type"] != "missing" else None
+        # A missing field has no value; a JSON syntax error's `input` is a placeholder `{}`.
+        echo = error["type"] not in ("missing", "json_invalid")
+        if echo and "input" in error and field.split(".")[0] not in PRIVATE_FIELDS:
+            value = str(error["input"])[:200]
         message = f"{field}: {error['msg']}" + (f" (got {value})" if value is not None else "")
         result.append(
             FieldError(field=field, constraint=_constraint(error), message=message, value=value)

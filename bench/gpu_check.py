@@ -1,0 +1,177 @@
+"""One GPU session: kernels at real shapes, the model against the CPU reference, then speed.
+
+Run on the device machine from the repository root (see bench/README.md):
+    python3 bench/gpu_check.py --out $OUT
+Writes gpu_check.json under --out and prints a summary table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import triton.testing
+from gguf import GGMLQuantizationType as T
+
+from worker_orcd.bench import run_bench
+from worker_orcd.engine.llm import LLM
+from worker_orcd.gguf.dequant import dequantize
+from worker_orcd.gguf.reader import GGUFFile
+from worker_orcd.gguf.synth import random_blocks, synthesize
+from worker_orcd.kernels.decode_attention import decode_attention
+from worker_orcd.kernels.quant_matmul import quant_matmul
+from worker_orcd.sampling_params import SamplingParams
+
+# The Qwen2.5-0.5B Q4_K_M matrices: (type, rows, cols).
+SHAPES = [
+    (T.Q5_0, 896, 896),
+    (T.Q5_0, 4864, 896),
+    (T.Q8_0, 128, 896),
+    (T.Q4_K, 896, 4864),
+    (T.Q6_K, 896, 4864),
+    (T.Q8_0, 151936, 896),
+]
+
+
+def poison_allocator() -> None:
+    """Fill freed cache blocks with NaN so that an output element the kernel never writes shows."""
+    junk = torch.full((1 << 28,), float("nan"), device="cuda")
+    del junk
+
+
+def relative_error(y: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((y.double() - expected).norm() / expected.norm()).item()
+
+
+def check_kernels(rng: np.random.Generator) -> list[dict]:
+    rows = []
+    for qtype, n, k in SHAPES:
+        blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
+        dense = dequantize(blocks, qtype, (n, k)).double()
+        for m in (1, 512):
+            x = torch.randn(m, k, device="cuda")
+            poison_allocator()
+            y = quant_matmul(x, blocks, qtype, (n, k))
+            finite = bool(torch.isfinite(y).all())
+            error = relative_error(y, x.double() @ dense.T)
+            call = functools.partial(quant_matmul, x, blocks, qtype, (n, k))
+            ms = triton.testing.do_bench(call, return_mode="median")
+            gbps = blocks.numel() / ms / 1e6
+            rows.append(
+                dict(
+                    kernel=f"{qtype.name} {n}x{k}",
+                    m=m,
+                    rel_error=error,
+                    finite=finite,
+                    ms=ms,
+                    weight_gb_per_s=gbps,
+                )
+            )
+    for length in (1, 100, 1000, 4096):
+        q = torch.randn(14, 64, device="cuda")
+        keys, values = torch.randn(2, 4096, 2, 64, device="cuda")
+        poison_allocator()
+        out = decode_attention(q, keys, values, torch.tensor([length], device="cuda"), 0.125)
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, None].double(),
+            keys[:length].transpose(0, 1).double(),
+            values[:length].transpose(0, 1).double(),
+            scale=0.125,
+            enable_gqa=True,
+        )[:, 0]
+        rows.append(
+            dict(
+                kernel=f"decode_attention len={length}",
+                m=1,
+                rel_error=relative_error(out, expected),
+                finite=bool(torch.isfinite(out).all()),
+                ms=0.0,
+                weight_gb_per_s=0.0,
+            )
+        )
+    return rows
+
+
+def check_model(path: Path) -> dict:
+    """GPU logits against the CPU float32 reference on the same file, and GPU determinism."""
+    cpu, gpu = LLM.load(path, "cpu"), LLM.load(path, "cuda")
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, 151_000, (n,), generator=generator).tolist() for n in (1, 16, 200)]
+    worst, compared, agreed, margins = 0.0, 0, 0, []
+    for prompt in prompts:
+        reference = cpu.runner.prefill(prompt)
+        logits = gpu.runner.prefill(prompt).cpu()
+        worst = max(worst, (logits - reference).abs().max().item())
+    bound = 10 * worst + 1e-3
+    greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
+    for prompt in prompts:
+        tokens_gpu = _run(gpu, prompt, greedy)
+        tokens_again = _run(gpu, prompt, greedy)
+        assert tokens_gpu == tokens_again, "the same request twice on the GPU differed"
+        # Walk the CPU reference along the GPU's tokens; compare where its top-2 margin is safe.
+        logits = cpu.runner.prefill(prompt)
+        for step, token in enumerate(tokens_gpu):
+            top2 = logits.topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            margins.append(margin)
+            if margin > bound:
+                compared += 1
+                agreed += int(int(logits.argmax()) == token)
+            if step + 1 < len(tokens_gpu):
+                logits = cpu.runner.decode(token, len(prompt) + step)
+    return dict(
+        max_abs_logit_diff=worst,
+        margin_bound=bound,
+        greedy_steps_compared=compared,
+        greedy_steps_agreed=agreed,
+        median_top2_margin=float(np.median(margins)),
+        gpu_repeat_identical=True,
+    )
+
+
+def _run(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
+    generation = llm.generate(prompt, params)
+    for _ in generation:
+        pass
+    return generation.result.token_ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", type=Path, default=Path("/tmp/qwen2.5-0.5b-synth.gguf"))
+    parser.add_argument("--skip-model-check", action="store_true")
+    args = parser.parse_args()
+    started = time.time()
+    if not args.model.exists():
+        synthesize("qwen2.5-0.5b", args.model)
+    report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    report["kernels"] = check_kernels(np.random.default_rng(0))
+    if not args.skip_model_check:
+        report["model"] = check_model(args.model)
+    bench = run_bench(args.model, "cuda")
+    tensor_bytes = sum(t.nbytes for t in GGUFFile(args.model).tensors.values())
+    report["bench"] = bench.as_dict() | {"file_tensor_bytes": tensor_bytes}
+    report["seconds"] = time.time() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+    for row in report["kernels"]:
+        print(
+            f"{row['kernel']:32s} m={row['m']:<4d} err={row['rel_error']:.1e} "
+            f"finite={row['finite']} {row['ms']:.4f} ms {row['weight_gb_per_s']:.0f} GB/s"
+        )
+    print(json.dumps(report.get("model"), indent=1))
+    print(bench.table())
+    print(
+        f"weights {bench.weights_bytes:,} B vs file tensors {tensor_bytes:,} B "
+        f"({bench.weights_bytes / tensor_bytes:.3f}x); {report['seconds']:.0f} s"
+    )
+
+
+if __name__ == "__main__":
+    main()

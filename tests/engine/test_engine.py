@@ -1,0 +1,116 @@
+"""The engine's guarantees, in process: order, exactly one terminal event, failures contained."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from worker_orcd.engine.engine import Engine, Failed, Finished, JobRejected, Started, Token
+from worker_orcd.engine.llm import LLM
+from worker_orcd.sampling_params import SamplingParams
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def llm(smollm2_path) -> LLM:
+    return LLM.load(smollm2_path, "cpu")
+
+
+@pytest.fixture
+def engine(llm: LLM):
+    engine = Engine(llm)
+    yield engine
+    engine.shutdown()
+
+
+async def collect(job) -> list:
+    return [event async for event in job.events()]
+
+
+def run(coroutine):
+    return asyncio.run(asyncio.wait_for(coroutine, timeout=120))
+
+
+def test_jobs_run_in_order_each_with_one_terminal_event(engine: Engine, llm: LLM):
+    prompts = ["One", "Two", "Three"]
+
+    async def scenario():
+        jobs = [engine.submit(p, llm.tokenizer.encode(p), GREEDY) for p in prompts]
+        return await asyncio.gather(*(collect(job) for job in jobs))
+
+    for prompt, events in zip(prompts, run(scenario()), strict=True):
+        assert isinstance(events[0], Started) and events[0].seed is not None
+        assert all(isinstance(e, Token) for e in events[1:-1])
+        assert isinstance(events[-1], Finished)
+        alone = llm.generate(llm.tokenizer.encode(prompt), GREEDY)
+        assert "".join(c.text for c in alone) == "".join(e.text for e in events[1:-1])
+
+
+def test_a_duplicate_or_empty_job_is_refused(engine: Engine, llm: LLM):
+    async def scenario():
+        job = engine.submit("same", llm.tokenizer.encode("Hello"), GREEDY)
+        with pytest.raises(JobRejected) as duplicate:
+            engine.submit("same", llm.tokenizer.encode("Hello"), GREEDY)
+        with pytest.raises(JobRejected) as empty:
+            engine.submit("empty", [], GREEDY)
+        await collect(job)
+        return duplicate.value.code, empty.value.code
+
+    assert run(scenario()) == ("DUPLICATE_JOB_ID", "INVALID_REQUEST")
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "retriable"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory"), "VRAM_OOM", True),
+        (KeyError("x"), "INTERNAL", True),
+    ],
+)
+def test_a_failing_generation_ends_its_job_and_the_next_one_succeeds(
+    engine: Engine, llm: LLM, monkeypatch: pytest.MonkeyPatch, error, code, retriable
+):
+    """Spec M0-W-1021: an error mid-request ends that request only; the worker keeps serving."""
+    original = llm.model.forward
+    calls = 0
+
+    def failing_forward(*args, **kwargs):
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # after two tokens were streamed
+            raise error
+        return original(*args, **kwargs)
+
+    async def scenario():
+        monkeypatch.setattr(llm.model, "forward", failing_forward)
+        failed = await collect(engine.submit("bad", llm.tokenizer.encode("Hi"), GREEDY))
+        monkeypatch.setattr(llm.model, "forward", original)
+        after = await collect(engine.submit("good", llm.tokenizer.encode("Hi"), GREEDY))
+        return failed, after
+
+    failed, after = run(scenario())
+    assert isinstance(failed[0], Started)
+    assert [type(e) for e in failed[1:-1]] == [Token] * (len(failed) - 2)
+    assert failed[-1] == Failed(code, failed[-1].message, retriable)
+    assert isinstance(after[-1], Finished)
+
+
+def test_shutdown_cancels_queued_jobs_and_refuses_new_ones(llm: LLM):
+    engine = Engine(llm)
+    long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+
+    async def scenario():
+        running = engine.submit("running", llm.tokenizer.encode("Count:"), long)
+        queued = engine.submit("queued", llm.tokenizer.encode("Count:"), long)
+        first = await running.events().__anext__()
+        await asyncio.to_thread(engine.shutdown)
+        with pytest.raises(JobRejected, match="shutting down"):
+            engine.submit("late", llm.tokenizer.encode("Hi"), long)
+        return [first, *[e async for e in running.events()]], await collect(queued)
+
+    running, queued = run(scenario())
+    assert isinstance(running[-1], Finished)  # the running job was allowed to finish
+    assert [type(e) for e in queued] == [Started, Failed]
+    assert queued[-1].code == "CANCELLED" and "shutting down" in queued[-1].message
