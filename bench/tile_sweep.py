@@ -32,7 +32,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda")
             results = []
             for config in configs:
-                call = functools.partial(quant_matmul, x, blocks, qtype, (n, k), config)
+                call = functools.partial(quant_matmul, x, blocks, qtype, (n, k), config=config)
                 results.append((triton.testing.do_bench(call, return_mode="median"), config))
             results.sort(key=lambda r: r[0])
             default = tile_config(m, n, k)

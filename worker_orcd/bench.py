@@ -67,7 +67,7 @@ def _synchronize(device: torch.device) -> None:
 
 
 def run_bench(
-    path: Path, device_name: str, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 3
+    path: Path, device_name: str, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 5
 ) -> BenchReport:
     device = resolve_device(device_name)
     llm = LLM.load(path, device_name)

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     bench.add_argument("--prompt-tokens", type=int, default=512, help="pp: prefill length")
     bench.add_argument("--gen-tokens", type=int, default=128, help="tg: tokens generated")
-    bench.add_argument("--repeats", type=int, default=3, help="runs per figure (median)")
+    bench.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(run=cmd_bench)
 

@@ -62,9 +62,29 @@ def _k_scale_min(scales, sub, mask):
 
 
 @triton.jit
-def _dequant(w_ptr, rows, cols, row_bytes, mask, QTYPE: tl.constexpr):
-    """float32 values of W[rows, cols] (rows as a column, cols as a row of the tile)."""
-    row = w_ptr + rows.to(tl.int64) * row_bytes
+def _expand(values, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr, GROUP: tl.constexpr):
+    """Per-group values (BLOCK_N, GROUPS), repeated over each group's GROUP elements."""
+    repeated = tl.broadcast_to(values[:, :, None], (BLOCK_N, GROUPS, GROUP))
+    return tl.reshape(repeated, (BLOCK_N, GROUPS * GROUP))
+
+
+@triton.jit
+def _dequant(
+    w_ptr, offs_n, k0, row_bytes, N, K,
+    QTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """float32 values of W[offs_n, k0:k0 + BLOCK_K].
+
+    Scales and other per-group fields are loaded once per group of 32 elements (16 for Q6_K)
+    and broadcast over it; only the quants themselves are read per element.
+    """
+    row = w_ptr + offs_n[:, None].to(tl.int64) * row_bytes
+    cols = k0 + tl.arange(0, BLOCK_K)[None, :]
+    mask = (offs_n[:, None] < N) & (cols < K)
+    GROUP: tl.constexpr = 16 if QTYPE == 14 else 32
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    first = k0 + tl.arange(0, GROUPS)[None, :] * GROUP  # each group's first column
+    group_mask = (offs_n[:, None] < N) & (first < K)
     if QTYPE == 0:  # F32
         return tl.load((row + cols * 4).to(tl.pointer_type(tl.float32)), mask=mask, other=0.0)
     elif QTYPE == 1:  # F16
@@ -73,65 +93,75 @@ def _dequant(w_ptr, rows, cols, row_bytes, mask, QTYPE: tl.constexpr):
     elif QTYPE == 30:  # BF16
         ptr = (row + cols * 2).to(tl.pointer_type(tl.bfloat16))
         return tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-    elif QTYPE == 2:  # Q4_0: d, 16 bytes of nibbles
-        block, j = row + (cols // 32) * 18, cols % 32
-        return _f16(block, mask) * (_nibble_32(block + 2, j, mask) - 8).to(tl.float32)
-    elif QTYPE == 3:  # Q4_1: d, m, nibbles
-        block, j = row + (cols // 32) * 20, cols % 32
-        q = _nibble_32(block + 4, j, mask).to(tl.float32)
-        return _f16(block, mask) * q + _f16(block + 2, mask)
-    elif QTYPE == 6:  # Q5_0: d, 32 high bits, nibbles
-        block, j = row + (cols // 32) * 22, cols % 32
-        high = (_u8(block + 2 + j // 8, mask) >> (j % 8)) & 1
-        q = _nibble_32(block + 6, j, mask) | (high << 4)
-        return _f16(block, mask) * (q - 16).to(tl.float32)
-    elif QTYPE == 7:  # Q5_1: d, m, 32 high bits, nibbles
-        block, j = row + (cols // 32) * 24, cols % 32
-        high = (_u8(block + 4 + j // 8, mask) >> (j % 8)) & 1
-        q = (_nibble_32(block + 8, j, mask) | (high << 4)).to(tl.float32)
-        return _f16(block, mask) * q + _f16(block + 2, mask)
+    elif QTYPE == 2 or QTYPE == 3 or QTYPE == 6 or QTYPE == 7:  # Q4_0, Q4_1, Q5_0, Q5_1
+        size: tl.constexpr = (
+            18 if QTYPE == 2 else (20 if QTYPE == 3 else (22 if QTYPE == 6 else 24))
+        )
+        has_min: tl.constexpr = QTYPE == 3 or QTYPE == 7
+        has_high: tl.constexpr = QTYPE == 6 or QTYPE == 7
+        qh_at: tl.constexpr = 4 if has_min else 2
+        qs_at: tl.constexpr = qh_at + (4 if has_high else 0)
+        group = row + (first // 32) * size
+        block, j = row + (cols // 32) * size, cols % 32
+        q = _nibble_32(block + qs_at, j, mask)
+        if has_high:
+            bits = _u8(group + qh_at, group_mask) | (_u8(group + qh_at + 1, group_mask) << 8)
+            bits = bits | (_u8(group + qh_at + 2, group_mask) << 16)
+            bits = bits | (_u8(group + qh_at + 3, group_mask) << 24)
+            q = q | (((_expand(bits, BLOCK_N, GROUPS, GROUP) >> j) & 1) << 4)
+        d = _expand(_f16(group, group_mask), BLOCK_N, GROUPS, GROUP)
+        if has_min:
+            return d * q.to(tl.float32) + _expand(
+                _f16(group + 2, group_mask), BLOCK_N, GROUPS, GROUP
+            )
+        offset: tl.constexpr = 16 if has_high else 8
+        return d * (q - offset).to(tl.float32)
     elif QTYPE == 8:  # Q8_0: d, 32 int8
-        block, j = row + (cols // 32) * 34, cols % 32
-        return _f16(block, mask) * _i8(block + 2 + j, mask).to(tl.float32)
+        d = _expand(_f16(row + (first // 32) * 34, group_mask), BLOCK_N, GROUPS, GROUP)
+        return d * _i8(row + (cols // 32) * 34 + 2 + cols % 32, mask).to(tl.float32)
     elif QTYPE == 12 or QTYPE == 13:  # Q4_K / Q5_K: d, dmin, 12 scale bytes, [qh], qs
         size: tl.constexpr = 144 if QTYPE == 12 else 176
         qs_at: tl.constexpr = 16 if QTYPE == 12 else 48
+        group = row + (first // 256) * size
+        scale, minimum = _k_scale_min(group + 4, (first % 256) // 32, group_mask)
+        factor = _expand(_f16(group, group_mask) * scale, BLOCK_N, GROUPS, GROUP)
+        offset = _expand(_f16(group + 2, group_mask) * minimum, BLOCK_N, GROUPS, GROUP)
         block, j = row + (cols // 256) * size, cols % 256
         chunk, within = j // 64, j % 64
-        sub = 2 * chunk + (within >= 32).to(tl.int32)
         byte = _u8(block + qs_at + chunk * 32 + within % 32, mask)
         q = tl.where(within < 32, byte & 15, byte >> 4)
         if QTYPE == 13:
+            sub = 2 * chunk + (within >= 32).to(tl.int32)
             q = q | (((_u8(block + 16 + within % 32, mask) >> sub) & 1) << 4)
-        scale, minimum = _k_scale_min(block + 4, sub, mask)
-        d, dmin = _f16(block, mask), _f16(block + 2, mask)
-        return d * scale * q.to(tl.float32) - dmin * minimum
-    elif QTYPE == 14:  # Q6_K: ql (128), qh (64), int8 scales (16), d
+        return factor * q.to(tl.float32) - offset
+    elif QTYPE == 14:  # Q6_K: ql (128), qh (64), int8 scales (16), d; one scale per 16
+        group, g = row + (first // 256) * 210, first % 256
+        index = 8 * (g // 128) + ((g % 128) % 32) // 16 + 2 * ((g % 128) // 32)
+        scale = _i8(group + 192 + index, group_mask).to(tl.float32)
+        factor = _expand(_f16(group + 208, group_mask) * scale, BLOCK_N, GROUPS, GROUP)
         block, j = row + (cols // 256) * 210, cols % 256
         half, rest = j // 128, j % 128
         quarter, lane = rest // 32, rest % 32
         low = _u8(block + 64 * half + lane + 32 * (quarter % 2), mask)
         low = tl.where(quarter < 2, low & 15, low >> 4)
         high = (_u8(block + 128 + 32 * half + lane, mask) >> (2 * quarter)) & 3
-        scale = _i8(block + 192 + 8 * half + lane // 16 + 2 * quarter, mask).to(tl.float32)
-        return _f16(block + 208, mask) * scale * ((low | (high << 4)) - 32).to(tl.float32)
+        return factor * ((low | (high << 4)) - 32).to(tl.float32)
     else:  # MXFP4 (39): e8m0 exponent, 16 bytes of e2m1 nibbles
-        block, j = row + (cols // 32) * 17, cols % 32
-        e = _u8(block, mask)
+        e = _u8(row + (first // 32) * 17, group_mask)
         scale = tl.where(e < 2, 0x00200000 << e, (e - 1) << 23).to(tl.float32, bitcast=True)
-        code = _nibble_32(block + 1, j, mask)
+        code = _nibble_32(row + (cols // 32) * 17 + 1, cols % 32, mask)
         magnitude = code & 7
         # e2m1 doubled, as ggml stores it: 0 1 2 3 4 6 8 12
         value = tl.where(magnitude < 4, magnitude, (2 + (magnitude & 1)) << ((magnitude >> 1) - 1))
         value = tl.where(code >= 8, -value, value)
-        return scale * value.to(tl.float32)
+        return _expand(scale, BLOCK_N, GROUPS, GROUP) * value.to(tl.float32)
 
 
 @triton.jit
 def _quant_matmul_kernel(
-    x_ptr, w_ptr, y_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
+    x_ptr, w_ptr, y_ptr, bias_ptr, residual_ptr, M, N, K, row_bytes, stride_xm, stride_ym,
     QTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    USE_DOT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
     offs_m = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -141,8 +171,7 @@ def _quant_matmul_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        w_mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-        w = _dequant(w_ptr, offs_n[:, None], offs_k[None, :], row_bytes, w_mask, QTYPE)
+        w = _dequant(w_ptr, offs_n, k0, row_bytes, N, K, QTYPE, BLOCK_N, BLOCK_K)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         if BLOCK_M == 1:
@@ -154,7 +183,12 @@ def _quant_matmul_kernel(
     if BLOCK_M == 1:
         acc = tl.sum(partial, axis=1)[None, :]
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc, mask=y_mask)
+    y_offsets = offs_m[:, None] * stride_ym + offs_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        acc += tl.load(residual_ptr + y_offsets, mask=y_mask, other=0.0)
+    tl.store(y_ptr + y_offsets, acc, mask=y_mask)
 
 
 @dataclass(frozen=True)
@@ -183,9 +217,12 @@ def quant_matmul(
     blocks: torch.Tensor,
     qtype: GGMLQuantizationType,
     shape: tuple[int, int],
+    bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
     config: TileConfig | None = None,
 ) -> torch.Tensor:
-    """`x` (M, K) float32 times the (N, K) weight held as GGUF `blocks`: (M, N) float32."""
+    """`x` (M, K) float32 times the (N, K) weight held as GGUF `blocks`, plus `bias` (N,) and
+    `residual` (M, N) when given, added in the same kernel: (M, N) float32."""
     if qtype not in SUPPORTED:
         raise ValueError(f"no quantized matmul for {qtype.name}")
     n, k = shape
@@ -196,9 +233,12 @@ def quant_matmul(
     y = torch.empty((m, n), device=x.device, dtype=torch.float32)
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(m, config.block_m))
     _quant_matmul_kernel[grid](
-        x, blocks, y, m, n, k, k // block_size * type_size, x.stride(0), y.stride(0),
+        x, blocks, y, y if bias is None else bias,
+        y if residual is None else residual.contiguous(),
+        m, n, k, k // block_size * type_size, x.stride(0), y.stride(0),
         QTYPE=int(qtype), BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         BLOCK_K=config.block_k, USE_DOT=config.block_m >= DOT_MIN_ROWS,
+        HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
         num_warps=config.num_warps,
     )  # fmt: skip
     return y

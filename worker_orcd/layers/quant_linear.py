@@ -57,13 +57,15 @@ class QuantLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x @ W.T + bias, plus `residual` when given (fused into the matmul on CUDA)."""
         if self._dense is not None:
-            return F.linear(x, self._dense, self.bias)
+            y = F.linear(x, self._dense, self.bias)
+            return y if residual is None else residual + y
         w = self.weight
-        y = quant_matmul(x.reshape(-1, x.shape[-1]), w.blocks, w.qtype, w.shape)
-        y = y.view(*x.shape[:-1], w.shape[0])
-        return y if self.bias is None else y + self.bias
+        flat = residual.reshape(-1, w.shape[0]) if residual is not None else None
+        y = quant_matmul(x.reshape(-1, x.shape[-1]), w.blocks, w.qtype, w.shape, self.bias, flat)
+        return y.view(*x.shape[:-1], w.shape[0])
 
 
 class QuantEmbedding(nn.Module):

@@ -12,6 +12,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from worker_orcd.kernels.fused import rope_
+
 
 class RopeStyle(Enum):
     INTERLEAVED = "interleaved"
@@ -33,7 +35,11 @@ class RotaryEmbedding(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` of shape (tokens, heads, head_dim) by each token's position."""
+        """Rotate `x` of shape (tokens, heads, head_dim) by each token's position (on CUDA, in
+        place)."""
+        if x.is_cuda:
+            interleaved = self.style is RopeStyle.INTERLEAVED
+            return rope_(x.contiguous(), positions, self.cos, self.sin, interleaved)
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         if self.style is RopeStyle.INTERLEAVED:

@@ -86,13 +86,16 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim)
         self.head_dim = config.head_dim
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, residual: torch.Tensor
+    ) -> torch.Tensor:
+        """residual + attention(x): the residual add rides in the output projection."""
         tokens = x.shape[0]
         q = self.q_proj(x).view(tokens, -1, self.head_dim)
         k = self.k_proj(x).view(tokens, -1, self.head_dim)
         v = self.v_proj(x).view(tokens, -1, self.head_dim)
         q, k = self.rotary(q, positions), self.rotary(k, positions)
-        return self.o_proj(self.attn(q, k, v, positions, cache))
+        return self.o_proj(self.attn(q, k, v, positions, cache), residual)
 
 
 class LlamaMLP(nn.Module):
@@ -103,8 +106,9 @@ class LlamaMLP(nn.Module):
         self.down_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_down.weight"))
         self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + mlp(x)."""
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)), residual)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -119,8 +123,8 @@ class LlamaDecoderLayer(nn.Module):
         self.mlp = LlamaMLP(index, weights)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_norm(x), positions, cache)
-        return x + self.mlp(self.post_attention_norm(x))
+        x = self.self_attn(self.input_norm(x), positions, cache, residual=x)
+        return self.mlp(self.post_attention_norm(x), residual=x)
 
 
 @register("llama", "qwen2")
