@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from worker_orcd.gguf.reader import GGUFFile
+
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "worker_orcd.cli", *args]
@@ -82,3 +84,22 @@ def test_models_list_and_inspect(smollm2_path: Path):
     report = cli("inspect", "smollm2-135m")
     assert report.returncode == 0, report.stderr
     assert "general.architecture" in report.stdout and "Q4_1" in report.stdout
+
+
+def test_bench_runs_on_the_cpu(smollm2_path: Path):
+    args = ("--prompt-tokens", "16", "--gen-tokens", "4", "--repeats", "1", "--json")
+    run = cli("bench", "--model", str(smollm2_path), "--device", "cpu", *args)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["prompt_tokens"] == 16 and report["generated_tokens"] == 4
+    assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
+    assert report["weights_bytes"] == sum(
+        info.nbytes for info in GGUFFile(smollm2_path).tensors.values()
+    )
+
+
+def test_synth_writes_a_loadable_file(tmp_path: Path):
+    out = tmp_path / "tiny.gguf"
+    run = cli("synth", "--preset", "smollm2-135m", "--output", str(out), "--layers", "1")
+    assert run.returncode == 0, run.stderr
+    assert GGUFFile(out).metadata["llama.block_count"] == 1
