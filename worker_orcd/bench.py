@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from worker_orcd.engine.llm import LLM, resolve_device
+from worker_orcd.engine.llm import DEFAULT_MAX_CONTEXT, LLM, resolve_device
 from worker_orcd.sampling_params import SamplingParams
 
 
@@ -67,10 +67,15 @@ def _synchronize(device: torch.device) -> None:
 
 
 def run_bench(
-    path: Path, device_name: str, prompt_tokens: int = 512, gen_tokens: int = 128, repeats: int = 5
+    path: Path,
+    device_name: str,
+    prompt_tokens: int = 512,
+    gen_tokens: int = 128,
+    repeats: int = 5,
+    max_context: int = DEFAULT_MAX_CONTEXT,
 ) -> BenchReport:
     device = resolve_device(device_name)
-    llm = LLM.load(path, device_name)
+    llm = LLM.load(path, device_name, max_context=max_context)
     vocab = llm.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist()

@@ -14,13 +14,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from worker_orcd import model_store
+from worker_orcd.engine.llm import DEFAULT_MAX_CONTEXT
+from worker_orcd.engine.memory import InsufficientVram
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.gguf.synth import PRESETS as PRESET_NAMES
 from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.tokenizer import TokenizerError
 
+CTX_HELP = "KV cache positions: the model's context, capped at this (default %(default)s)"
 USER_ERRORS = (
+    InsufficientVram,
     GGUFError,
     UnsupportedArchitectureError,
     model_store.ModelStoreError,
@@ -48,7 +52,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         stop=tuple(args.stop),
     )
     path = model_store.resolve(args.model, log)
-    llm = LLM.load(path, args.device)
+    llm = LLM.load(path, args.device, max_context=args.ctx_size)
     if not args.json:
         log(f"loaded {path.name} ({llm.gguf.architecture}) on {llm.device}")
     tokenizer = llm.tokenizer
@@ -97,6 +101,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         host=args.host,
         device=args.device,
         callback_url=args.callback_url,
+        ctx_size=args.ctx_size,
     )
     raise SystemExit(serve(options))
 
@@ -119,7 +124,9 @@ def cmd_bench(args: argparse.Namespace) -> None:
     from worker_orcd.bench import run_bench
 
     path = model_store.resolve(args.model, log)
-    report = run_bench(path, args.device, args.prompt_tokens, args.gen_tokens, args.repeats)
+    report = run_bench(
+        path, args.device, args.prompt_tokens, args.gen_tokens, args.repeats, args.ctx_size
+    )
     print(json.dumps(report.as_dict()) if args.json else report.table())
 
 
@@ -182,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
+    generate.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     generate.set_defaults(run=cmd_generate)
 
     serve = commands.add_parser("serve", help="run the HTTP worker (SSE, health, cancel, /v1)")
@@ -199,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
     )
+    serve.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="prefill and decode speed, like llama-bench")
@@ -208,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--gen-tokens", type=int, default=128, help="tg: tokens generated")
     bench.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     bench.set_defaults(run=cmd_bench)
 
     synth = commands.add_parser("synth", help="write a random-weight GGUF of a real model's shape")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from worker_orcd.engine.memory import check_fits, plan_vram
 from worker_orcd.engine.model_runner import ModelRunner
 from worker_orcd.engine.stop import StopMatcher
 from worker_orcd.gguf.reader import GGUFFile
@@ -26,13 +27,30 @@ from worker_orcd.tokenizer import Tokenizer, load_tokenizer
 DEFAULT_MAX_CONTEXT = 8192  # KV cache positions allocated when a model allows more
 
 
-def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when a GPU exists, the CPU otherwise (a development mode, not a fallback)."""
+def resolve_device(name: str, index: int = 0) -> torch.device:
+    """`auto` is CUDA when a GPU exists, the CPU otherwise (a development mode, not a fallback).
+
+    A CUDA device gets its context here, so that a GPU that cannot even start one fails now,
+    as "CUDA init failed", rather than halfway through loading a model (spec M0-W-1110).
+    """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is available")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cuda":
+        return torch.device(name)
+    if not torch.cuda.is_available():
+        raise ValueError("CUDA init failed: --device cuda was asked for, but no GPU is available")
+    if not 0 <= index < torch.cuda.device_count():
+        raise ValueError(
+            f"CUDA init failed: GPU {index} asked for, "
+            f"expected 0 to {torch.cuda.device_count() - 1}"
+        )
+    device = torch.device("cuda", index)
+    try:
+        torch.cuda.set_device(device)
+        torch.empty(1, device=device)
+    except RuntimeError as error:
+        raise ValueError(f"CUDA init failed on GPU {index}: {str(error).splitlines()[0]}") from None
+    return device
 
 
 @dataclass(frozen=True)
@@ -74,7 +92,12 @@ class LLM:
         self.gguf = gguf
         self.device = device
         self.tokenizer: Tokenizer = load_tokenizer(gguf.metadata)
-        before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+        model_context = int(gguf.metadata.get(f"{gguf.architecture}.context_length", max_context))
+        self.context_length = min(model_context, max_context)
+        before = 0
+        if device.type == "cuda":
+            check_fits(plan_vram(gguf, self.context_length), device, gguf.path)
+            before = torch.cuda.memory_allocated(device)
         self.model = load_model(gguf, device, progress)
         # Device memory the weights take (the KV cache comes after); on the CPU, the file's
         # tensor bytes (the development mode also keeps float32 copies).
@@ -82,7 +105,6 @@ class LLM:
             self.weights_bytes = torch.cuda.memory_allocated(device) - before
         else:
             self.weights_bytes = sum(info.nbytes for info in gguf.tensors.values())
-        self.context_length: int = min(self.model.config.context_length, max_context)
         self.runner = ModelRunner(self.model, device, self.context_length)
 
     @classmethod
@@ -124,6 +146,11 @@ class Generation:
     def cancel(self) -> None:
         self._cancelled.set()
 
+    def _history(self, tokens: list[int]) -> torch.Tensor:
+        """The generated ids, copied to the device only when a repetition penalty needs them."""
+        ids = tokens if self.params.repetition_penalty != 1.0 else []
+        return torch.tensor(ids, dtype=torch.long, device=self.llm.device)
+
     def __iter__(self) -> Iterator[TextChunk]:
         llm, params = self.llm, self.params
         budget = min(params.max_tokens, llm.context_length - len(self.prompt_ids))
@@ -145,8 +172,7 @@ class Generation:
                     logits = llm.runner.decode(tokens[-1], len(self.prompt_ids) + len(tokens) - 1)
                 else:
                     logits = llm.runner.prefill(self.prompt_ids)
-                history = torch.tensor(tokens, dtype=torch.long, device=llm.device)
-                token = sample(logits, history, params, generator)
+                token = sample(logits, self._history(tokens), params, generator)
                 if not tokens:
                     first_token_at = time.perf_counter()
                 if token in eog:

@@ -19,6 +19,20 @@ from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.kernels.quant_matmul import quant_matmul
 
+CHUNK_BYTES = 1 << 20  # spec M0-W-1222
+
+
+def stream_to_device(
+    data: np.ndarray, device: torch.device, chunk_bytes: int = CHUNK_BYTES
+) -> torch.Tensor:
+    """Copy bytes from the memory map to `device` one chunk at a time (spec M0-W-1221/1222):
+    host memory holds at most one chunk, never a whole tensor or file, on its way to the GPU."""
+    blocks = torch.empty(len(data), dtype=torch.uint8, device=device)
+    for start in range(0, len(data), chunk_bytes):
+        chunk = torch.from_numpy(np.array(data[start : start + chunk_bytes]))
+        blocks[start : start + len(chunk)].copy_(chunk)
+    return blocks
+
 
 @dataclass(frozen=True)
 class QuantWeight:
@@ -29,8 +43,7 @@ class QuantWeight:
     @classmethod
     def load(cls, gguf: GGUFFile, name: str, device: torch.device) -> QuantWeight:
         info = gguf.tensors[name]
-        blocks = torch.from_numpy(np.array(gguf.tensor_data(name))).to(device)
-        return cls(blocks, info.qtype, info.shape)
+        return cls(stream_to_device(gguf.tensor_data(name), device), info.qtype, info.shape)
 
     @property
     def row_bytes(self) -> int:

@@ -26,7 +26,8 @@ from sse_starlette.sse import AppStatus
 
 from worker_orcd import model_store
 from worker_orcd.engine.engine import Engine, Event, Failed, Finished, Job, Started
-from worker_orcd.engine.llm import LLM, resolve_device
+from worker_orcd.engine.llm import DEFAULT_MAX_CONTEXT, LLM, resolve_device
+from worker_orcd.engine.memory import InsufficientVram, resident, vram_bytes_used
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.server.app import Worker, create_app
@@ -53,6 +54,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     device: str = "auto"
     callback_url: str | None = None
+    ctx_size: int = DEFAULT_MAX_CONTEXT
+    residency_interval: float = 60.0  # seconds between residency checks (M0-W-1012)
 
 
 def quant_kind(gguf: GGUFFile) -> str:
@@ -62,13 +65,6 @@ def quant_kind(gguf: GGUFFile) -> str:
         return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     matrices = [t.qtype for t in gguf.tensors.values() if len(t.shape) == 2]
     return max(set(matrices), key=matrices.count, default=GGMLQuantizationType.F32).name
-
-
-def vram_bytes_used(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 0
-    free, total = torch.cuda.mem_get_info(device)
-    return total - free
 
 
 def job_narration(narrate: Narrator) -> Callable[[Job, Event], None]:
@@ -99,6 +95,25 @@ def job_narration(narrate: Narrator) -> Callable[[Job, Event], None]:
                 narrate("execute_end", outcome=code, **fields)
 
     return listen
+
+
+def watch_residency(
+    worker: Worker, llm: LLM, device: torch.device, interval: float, stop: threading.Event
+) -> None:
+    """Every `interval` seconds: are all weights still device memory, and how much VRAM is in
+    use? `/health` serves the answers; a weight found off the GPU makes the worker unhealthy."""
+    while not stop.wait(interval):
+        worker.vram_bytes_used = vram_bytes_used(device)
+        is_resident = resident(llm.model, device)
+        if not is_resident and worker.resident:
+            worker.narrate(
+                "error",
+                level="CRITICAL",
+                code="VRAM_RESIDENCY_FAILED",
+                message="a weight tensor is no longer in device memory",
+            )
+        worker.resident = is_resident
+        worker.healthy = is_resident
 
 
 class WorkerServer(uvicorn.Server):
@@ -172,24 +187,23 @@ def serve(options: ServeOptions) -> int:
     narrate = Narrator(options.worker_id, options.model, gpu)
     narrate("startup", host=options.host, port=options.port, device=options.device)
     try:
-        device = resolve_device(options.device)
-        if device.type == "cuda":
-            if not 0 <= options.gpu_device < torch.cuda.device_count():
-                raise ValueError(
-                    f"--gpu-device {options.gpu_device}: expected 0 to "
-                    f"{torch.cuda.device_count() - 1}"
-                )
-            device = torch.device("cuda", options.gpu_device)
-            torch.cuda.set_device(device)
-    except (ValueError, RuntimeError) as error:
-        return fail(narrate, "CUDA_ERROR", f"CUDA init failed: {error} (code: CUDA_ERROR)")
+        device = resolve_device(options.device, options.gpu_device)
+    except ValueError as error:
+        return fail(narrate, "CUDA_ERROR", f"{error} (code: CUDA_ERROR)")
     narrate("model_load_start", device=str(device))
     try:
         path = model_store.resolve(
             options.model, lambda message: narrate("model_pull", message=message)
         )
         gguf = GGUFFile(path)
-        llm = LLM(gguf, device, lambda percent: narrate("model_load_progress", percent=percent))
+        llm = LLM(
+            gguf,
+            device,
+            progress=lambda percent: narrate("model_load_progress", percent=percent),
+            max_context=options.ctx_size,
+        )
+    except InsufficientVram as error:
+        return fail(narrate, "INSUFFICIENT_VRAM", f"{error} (code: INSUFFICIENT_VRAM)")
     except LOAD_ERRORS as error:
         line = f"Model load failed: {error} (code: MODEL_LOAD_FAILED, model: {options.model})"
         return fail(narrate, "MODEL_LOAD_FAILED", line)
@@ -230,7 +244,12 @@ def serve(options: ServeOptions) -> int:
     # must instead end with its own terminal event (queued ones end via engine.shutdown).
     AppStatus.disable_automatic_graceful_drain()
     server = WorkerServer(config, worker, options)
+    stop_watch = threading.Event()
+    if device.type == "cuda":
+        watch = (worker, llm, device, options.residency_interval, stop_watch)
+        threading.Thread(target=watch_residency, args=watch, daemon=True).start()
     server.run(sockets=[listener])
+    stop_watch.set()
     worker.engine.shutdown()
     narrate("shutdown_complete", exit_code=server.exit_code)
     return server.exit_code

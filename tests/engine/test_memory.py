@@ -1,0 +1,45 @@
+"""The VRAM plan matches what loading really takes; streaming copies bytes exactly."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from worker_orcd.engine.llm import LLM
+from worker_orcd.engine.memory import InsufficientVram, VramPlan, model_tensors, plan_vram, resident
+from worker_orcd.gguf.reader import GGUFFile
+from worker_orcd.layers.quant_linear import stream_to_device
+
+
+def test_the_plan_counts_the_weights_and_the_kv_cache_the_model_allocates(smollm2_path: Path):
+    llm = LLM.load(smollm2_path, "cpu", max_context=1024)
+    plan = plan_vram(GGUFFile(smollm2_path), llm.context_length)
+    cache = llm.runner.cache
+    assert plan.kv_cache == cache.keys.nbytes + cache.values.nbytes
+    assert plan.weights == sum(info.nbytes for info in llm.gguf.tensors.values())
+    assert plan.total == plan.weights + plan.kv_cache + plan.workspace
+
+
+def test_the_refusal_names_required_and_available_bytes_gpu_and_model():
+    error = InsufficientVram(VramPlan(100, 20, 5), 50, torch.device("cuda", 1), Path("/m.gguf"))
+    assert str(error).startswith("Insufficient VRAM: required 125 bytes")
+    assert "available 50 bytes on GPU 1, model /m.gguf" in str(error)
+
+
+def test_streaming_in_chunks_copies_every_byte():
+    data = np.random.default_rng(0).integers(0, 256, 10_000, dtype=np.uint8)
+    copied = stream_to_device(data, torch.device("cpu"), chunk_bytes=999)
+    assert torch.equal(copied, torch.from_numpy(data))
+
+
+def test_every_model_tensor_is_found_for_the_residency_check(smollm2_path: Path):
+    llm = LLM.load(smollm2_path, "cpu", max_context=64)
+    tensors = model_tensors(llm.model)
+    block_bytes = {t.data_ptr(): t.nbytes for t in tensors if t.dtype == torch.uint8}
+    assert sum(block_bytes.values()) == sum(
+        i.nbytes for i in llm.gguf.tensors.values() if i.qtype != 0
+    )
+    assert resident(llm.model, torch.device("cpu"))
+    assert not resident(llm.model, torch.device("meta"))
