@@ -12,6 +12,7 @@ import functools
 import json
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -23,8 +24,10 @@ from worker_orcd.engine.llm import LLM
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.gguf.synth import random_blocks, synthesize
-from worker_orcd.kernels.decode_attention import decode_attention
+from worker_orcd.kernels.quant_gemv import gemv
 from worker_orcd.kernels.quant_matmul import quant_matmul
+from worker_orcd.layers.attention import Attention, KVCache
+from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
 from worker_orcd.sampling_params import SamplingParams
 
 # The Qwen2.5-0.5B Q4_K_M matrices: (type, rows, cols).
@@ -53,14 +56,18 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
     for qtype, n, k in SHAPES:
         blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
         dense = dequantize(blocks, qtype, (n, k)).double()
-        for m in (1, 512):
+        matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
+        for m in (1, 64, 512):
             x = torch.randn(m, k, device="cuda")
+            if m == 1:
+                call = functools.partial(gemv, x, matrix)
+            else:
+                call = functools.partial(quant_matmul, x, blocks, qtype, (n, k))
             poison_allocator()
-            y = quant_matmul(x, blocks, qtype, (n, k))
+            y = call()
             finite = bool(torch.isfinite(y).all())
             error = relative_error(y, x.double() @ dense.T)
-            call = functools.partial(quant_matmul, x, blocks, qtype, (n, k))
-            ms = triton.testing.do_bench(call, return_mode="median")
+            ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
             gbps = blocks.numel() / ms / 1e6
             rows.append(
                 dict(
@@ -72,25 +79,29 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
                     weight_gb_per_s=gbps,
                 )
             )
-    for length in (1, 100, 1000, 4096):
-        q = torch.randn(14, 64, device="cuda")
-        keys, values = torch.randn(2, 4096, 2, 64, device="cuda")
+    rotary = RotaryEmbedding(64, 1e6, RopeStyle.NEOX, 4096)
+    for position in (0, 99, 999, 4095):
+        q, k, v = torch.randn(14 * 64), torch.randn(128), torch.randn(128)
+        cache = KVCache(1, 4096, 2, 64, torch.device("cpu"))
+        cache.keys.normal_(), cache.values.normal_()
+        keys, values = cache.keys[0].cuda(), cache.values[0].cuda()
+        layer = Attention(0, 14, 2, 64, rotary)
+        expected = layer(q[None], k[None], v[None], torch.tensor([position]), position, cache)
+        gpu_cache = SimpleNamespace(keys=keys[None], values=values[None])
+        gpu_layer = Attention(0, 14, 2, 64, RotaryEmbedding(64, 1e6, RopeStyle.NEOX, 4096))
+        gpu_layer.rotary.to(torch.device("cuda"))
+        args = (q[None].cuda(), k[None].cuda(), v[None].cuda(), torch.tensor([position]).cuda())
         poison_allocator()
-        out = decode_attention(q, keys, values, torch.tensor([length], device="cuda"), 0.125)
-        expected = torch.nn.functional.scaled_dot_product_attention(
-            q[:, None].double(),
-            keys[:length].transpose(0, 1).double(),
-            values[:length].transpose(0, 1).double(),
-            scale=0.125,
-            enable_gqa=True,
-        )[:, 0]
+        out = gpu_layer(*args, position, gpu_cache)
+        call = functools.partial(gpu_layer, *args, position, gpu_cache)
+        ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
         rows.append(
             dict(
-                kernel=f"decode_attention len={length}",
+                kernel=f"decode_attention pos={position}",
                 m=1,
-                rel_error=relative_error(out, expected),
+                rel_error=relative_error(out, expected.double().cuda()),
                 finite=bool(torch.isfinite(out).all()),
-                ms=0.0,
+                ms=ms,
                 weight_gb_per_s=0.0,
             )
         )
@@ -101,7 +112,9 @@ def check_model(path: Path) -> dict:
     """GPU logits against the CPU float32 reference on the same file, and GPU determinism."""
     cpu, gpu = LLM.load(path, "cpu"), LLM.load(path, "cuda")
     generator = torch.Generator().manual_seed(1)
-    prompts = [torch.randint(0, 151_000, (n,), generator=generator).tolist() for n in (1, 16, 200)]
+    prompts = [
+        torch.randint(0, 151_000, (n,), generator=generator).tolist() for n in (1, 16, 200, 600)
+    ]
     worst, compared, agreed, margins = 0.0, 0, 0, []
     for prompt in prompts:
         reference = cpu.runner.prefill(prompt)
@@ -134,6 +147,28 @@ def check_model(path: Path) -> dict:
     )
 
 
+def profile(path: Path) -> str:
+    """Where the time goes, by total GPU time per kernel: one 512-token prefill, then 64 decode
+    tokens (graph replays)."""
+    llm = LLM.load(path, "cuda")
+    prompt = list(range(1000, 1512))
+    llm.runner.prefill(prompt)
+    for position in range(512, 515):  # compile, capture the graph
+        llm.runner.decode(7, position)
+    tables = []
+    activities = [torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as profiler:
+        llm.runner.prefill(prompt)
+        torch.cuda.synchronize()
+    tables.append(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15))
+    with torch.profiler.profile(activities=activities) as profiler:
+        for position in range(515, 579):
+            llm.runner.decode(7, position)
+        torch.cuda.synchronize()
+    tables.append(profiler.key_averages().table(sort_by="cuda_time_total", row_limit=10))
+    return "\n".join(tables)
+
+
 def _run(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
     generation = llm.generate(prompt, params)
     for _ in generation:
@@ -157,6 +192,7 @@ def main() -> None:
     bench = run_bench(args.model, "cuda")
     tensor_bytes = sum(t.nbytes for t in GGUFFile(args.model).tensors.values())
     report["bench"] = bench.as_dict() | {"file_tensor_bytes": tensor_bytes}
+    profiles = profile(args.model)
     report["seconds"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
@@ -165,6 +201,7 @@ def main() -> None:
             f"{row['kernel']:32s} m={row['m']:<4d} err={row['rel_error']:.1e} "
             f"finite={row['finite']} {row['ms']:.4f} ms {row['weight_gb_per_s']:.0f} GB/s"
         )
+    print(profiles)
     print(json.dumps(report.get("model"), indent=1))
     print(bench.table())
     print(

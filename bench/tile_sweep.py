@@ -1,47 +1,57 @@
-"""Sweep the quantized matmul's tile shapes on the real Qwen2.5-0.5B matrices (device only).
+"""Sweep the decode GEMV's tile shapes on the real Qwen2.5-0.5B matrices (device only).
 
     python3 bench/tile_sweep.py
-Prints, per shape and row count, each configuration's median time and weight bandwidth.
+Prints, per shape, the best configurations (median time in a CUDA graph, weight bandwidth)
+against the one `gemv_config` picks, then prefill's matmul (dequantize + cuBLAS) at a few row
+counts.
 """
 
 from __future__ import annotations
 
 import functools
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import triton.testing
 
 from bench.gpu_check import SHAPES
+from worker_orcd.engine.llm import resolve_device
 from worker_orcd.gguf.synth import random_blocks
-from worker_orcd.kernels.quant_matmul import TileConfig, quant_matmul, tile_config
+from worker_orcd.kernels.quant_gemv import GemvConfig, gemv, gemv_config
+from worker_orcd.kernels.quant_matmul import quant_matmul
 
-GEMV = [TileConfig(1, n, k, w) for n in (1, 2, 4, 8) for k in (256, 512) for w in (2, 4, 8)]
-GEMM = [
-    TileConfig(*c)
-    for c in [(64, 64, 32, 4), (64, 128, 32, 8), (128, 64, 32, 8), (128, 128, 32, 8),
-              (64, 64, 64, 4), (32, 64, 64, 4), (128, 128, 64, 8)]
-]  # fmt: skip
+GEMV = [GemvConfig(n, k, w) for n in (1, 2, 4, 8, 16) for k in (256, 512, 1024) for w in (2, 4)]
+
+
+def _us(call) -> float:
+    return triton.testing.do_bench_cudagraph(call, return_mode="median") * 1000
 
 
 def main() -> None:
+    resolve_device("cuda")  # tf32 matmuls, as in serving
     rng = np.random.default_rng(0)
     for qtype, n, k in SHAPES:
         blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
-        for m, configs in ((1, GEMV), (512, GEMM)):
+        matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
+        x = torch.randn(1, k, device="cuda")
+        results = sorted(
+            ((_us(functools.partial(gemv, x, matrix, config=c)), c) for c in GEMV),
+            key=lambda result: result[0],
+        )
+        default = _us(functools.partial(gemv, x, matrix))
+        best_us, best = results[0]
+        print(
+            f"GEMV {qtype.name} {n}x{k}: best {best_us:.1f} us {best} "
+            f"({blocks.numel() / best_us / 1e3:.0f} GB/s); default {gemv_config(qtype, n, k)} "
+            f"{default:.1f} us; top 3 {[(round(t, 1), c) for t, c in results[:3]]}"
+        )
+        if n > 65536:
+            continue
+        for m in (16, 64, 512):
             x = torch.randn(m, k, device="cuda")
-            results = []
-            for config in configs:
-                call = functools.partial(quant_matmul, x, blocks, qtype, (n, k), config=config)
-                results.append((triton.testing.do_bench(call, return_mode="median"), config))
-            results.sort(key=lambda r: r[0])
-            default = tile_config(m, n, k)
-            chosen = next(ms for ms, c in results if c == default)
-            best_ms, best = results[0]
-            print(
-                f"{qtype.name} {n}x{k} m={m}: best {best_ms * 1000:.1f} us {best} "
-                f"({blocks.numel() / best_ms / 1e6:.0f} GB/s); default {chosen * 1000:.1f} us"
-            )
+            us = _us(functools.partial(quant_matmul, x, blocks, qtype, (n, k)))
+            print(f"prefill {qtype.name} {n}x{k} m={m}: {us:.1f} us")
 
 
 if __name__ == "__main__":

@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from gguf import GGMLQuantizationType as T
 
-from worker_orcd.gguf.dequant import dequantize
-from worker_orcd.gguf.synth import random_blocks
 from worker_orcd.kernels.fused import rms_norm, rope_, silu_mul
-from worker_orcd.kernels.quant_matmul import quant_matmul
 from worker_orcd.layers.activation import SiluAndMul
 from worker_orcd.layers.norm import RMSNorm
 from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
@@ -51,17 +46,3 @@ def test_silu_mul():
     gate, up = torch.randn(3, 4864), torch.randn(3, 4864)
     expected = SiluAndMul()(gate, up)
     assert close(silu_mul(gate.to(DEVICE), up.to(DEVICE)), expected)
-
-
-@pytest.mark.parametrize("rows", [1, 20])
-def test_bias_and_residual_ride_in_the_matmul(rows: int):
-
-    blocks = torch.from_numpy(
-        random_blocks(T.Q8_0, 48, 256, np.random.default_rng(rows)).reshape(-1)
-    )
-    x, bias, residual = torch.randn(rows, 256), torch.randn(48), torch.randn(rows, 48)
-    expected = residual + (x @ dequantize(blocks, T.Q8_0, (48, 256)).T + bias)
-    actual = quant_matmul(
-        x.to(DEVICE), blocks.to(DEVICE), T.Q8_0, (48, 256), bias.to(DEVICE), residual.to(DEVICE)
-    )
-    assert ((actual.cpu() - expected).norm() / expected.norm()).item() < 2e-3

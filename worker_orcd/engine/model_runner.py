@@ -1,15 +1,23 @@
 """Runs the model's forward passes over one persistent KV cache.
 
-Prefill runs eagerly (its length varies). On CUDA, decode is captured once as a CUDA graph and
-replayed for every token, so a token costs one graph launch instead of hundreds of kernel
-launches; the graph reads its token and position from static device buffers, and attention
-reads the sequence length from device memory. On the CPU every step runs eagerly.
+On CUDA both phases replay CUDA graphs, because a batch-1 forward is hundreds of small launches
+and the host cannot issue them as fast as the GPU runs them. Decode is captured once. Prefill is
+captured per length bucket (16, 32, ..., 512 tokens): the prompt is padded to its bucket, and
+the padding sits after the real tokens, so causal attention keeps it out of their results. Its
+KV entries lie past the prompt, where each decode step writes before it reads. Longer prompts
+run eagerly. Graphs read tokens and positions from static device buffers, and attention reads
+the decode position from device memory. All graphs share one memory pool; they never run at the
+same time. On the CPU every step runs eagerly.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 
 class ModelRunner:
@@ -20,15 +28,26 @@ class ModelRunner:
         self.cache = model.new_kv_cache(max_positions)
         self._token = torch.zeros(1, dtype=torch.long, device=device)
         self._position = torch.zeros(1, dtype=torch.long, device=device)
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._graph_logits: torch.Tensor | None = None
+        self._prefill_ids = torch.zeros(PREFILL_BUCKETS[-1], dtype=torch.long, device=device)
+        self._prefill_positions = torch.arange(PREFILL_BUCKETS[-1], device=device)
+        self._last = torch.zeros(1, dtype=torch.long, device=device)  # the prompt's last index
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # tokens: graph
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> torch.Tensor:
         """Logits (vocab,) after the prompt `ids`, cached from position 0."""
-        tokens = torch.tensor(ids, device=self.device)
-        positions = torch.arange(len(ids), device=self.device)
-        return self._logits(tokens, positions)
+        bucket = next((b for b in PREFILL_BUCKETS if b >= len(ids)), None)
+        if self.device.type != "cuda" or bucket is None or bucket > self.max_positions:
+            tokens = torch.tensor(ids, device=self.device)
+            positions = torch.arange(len(ids), device=self.device)
+            return self._logits(tokens, positions, len(ids) - 1)
+        self._prefill_ids[: len(ids)].copy_(torch.tensor(ids))
+        self._last.fill_(len(ids) - 1)  # before a capture too: its warm-up runs index with it
+        if bucket not in self._graphs:
+            ids_in, positions = self._prefill_ids[:bucket], self._prefill_positions[:bucket]
+            self._capture(bucket, lambda: self._logits(ids_in, positions, self._last))
+        return self._replay(bucket)
 
     @torch.inference_mode()
     def decode(self, token: int, position: int) -> torch.Tensor:
@@ -36,25 +55,39 @@ class ModelRunner:
         self._token.fill_(token)
         self._position.fill_(position)
         if self.device.type != "cuda":
-            return self._logits(self._token, self._position)
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
-        return self._graph_logits
+            return self._logits(self._token, self._position, 0, start=position)
+        if 1 not in self._graphs:
+            # one CUDA token's attention reads its position from the device, never `start`
+            self._capture(1, lambda: self._logits(self._token, self._position, 0))
+        return self._replay(1)
 
-    def _logits(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        hidden = self.model(tokens, positions, self.cache)
-        return self.model.compute_logits(hidden[-1])
+    def _logits(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        last: int | torch.Tensor,
+        start: int = 0,
+    ) -> torch.Tensor:
+        """Logits (vocab,) of the token at index `last` (a device tensor inside a graph)."""
+        hidden = self.model(tokens, positions, self.cache, start)
+        if isinstance(last, torch.Tensor):
+            return self.model.compute_logits(hidden.index_select(0, last))[0]
+        return self.model.compute_logits(hidden[last : last + 1])[0]
 
-    def _capture(self) -> None:
+    def _capture(self, tokens: int, step: Callable[[], torch.Tensor]) -> None:
         """Warm up on a side stream (kernels compile, allocations settle), then capture."""
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._logits(self._token, self._position)
+                step()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._graph_logits = self._logits(self._token, self._position)
-        self._graph = graph
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = step()
+        self._graphs[tokens] = (graph, logits)
+
+    def _replay(self, tokens: int) -> torch.Tensor:
+        graph, logits = self._graphs[tokens]
+        graph.replay()
+        return logits

@@ -1,5 +1,6 @@
-"""Grouped-query attention over a KV cache: torch SDPA for prefill, a Triton kernel for CUDA
-decode. Positions past the filled length are never read, so the cache starts uninitialized."""
+"""Rotary grouped-query attention over a KV cache: rotary embedding, cache write and torch SDPA
+for prefill; on CUDA, one Triton kernel does all three for a decode token. Positions past the
+filled length are never read, so the cache starts uninitialized."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_orcd.kernels.decode_attention import decode_attention
+from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
 
 
 class KVCache:
@@ -32,11 +34,20 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    def __init__(self, layer_index: int, num_heads: int, num_kv_heads: int, head_dim: int):
+    def __init__(
+        self,
+        layer_index: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+    ):
         super().__init__()
         self.layer_index = layer_index
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.rotary = rotary
         self.scale = head_dim**-0.5
 
     def forward(
@@ -45,26 +56,35 @@ class Attention(nn.Module):
         k: torch.Tensor,
         v: torch.Tensor,
         positions: torch.Tensor,
+        start: int,
         cache: KVCache,
     ) -> torch.Tensor:
-        """q (tokens, heads, dim); k, v (tokens, kv_heads, dim) at consecutive `positions`."""
+        """q (tokens, heads * dim); k, v (tokens, kv_heads * dim), not yet rotated, at
+        `positions` = start, start + 1, ... (`start` is not read by a CUDA decode step, whose
+        position lives on the device); returns (tokens, heads * dim)."""
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
-        keys.index_copy_(0, positions, k)  # positions stay on the device: graph-safe
-        values.index_copy_(0, positions, v)
         tokens = q.shape[0]
         if tokens == 1 and q.is_cuda:
-            length = positions[-1:] + 1
-            return decode_attention(q[0], keys, values, length, self.scale).view(1, -1)
-        start = int(positions[0])
+            rotary = self.rotary
+            interleaved = rotary.style is RopeStyle.INTERLEAVED
+            out = decode_attention(
+                q, k, v, keys, values, positions, rotary.cos, rotary.sin, interleaved, self.scale
+            )
+            return out.view(1, -1)
+        q = self.rotary(q.view(tokens, -1, self.head_dim), positions)
+        k = self.rotary(k.view(tokens, -1, self.head_dim), positions)
+        keys.index_copy_(0, positions, k)  # positions stay on the device: graph-safe
+        values.index_copy_(0, positions, v.view(tokens, -1, self.head_dim))
         end = start + tokens
         mask = None
-        if tokens > 1:  # each new token sees the cached prefix and the new tokens up to itself
+        if start > 0:  # new tokens see the cached prefix and the new tokens up to themselves
             mask = torch.ones(tokens, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1),
             keys[:end].transpose(0, 1),
             values[:end].transpose(0, 1),
             attn_mask=mask,
+            is_causal=mask is None and tokens > 1,
             scale=self.scale,
             enable_gqa=self.num_heads != self.num_kv_heads,
         )

@@ -1,8 +1,10 @@
 """Linear layers and embeddings whose weights stay in their GGUF blocks.
 
 `QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
-keeps a dequantized float32 copy for speed; on CUDA it never does: the Triton kernel dequantizes
-tiles in registers inside the matmul, so VRAM holds only the blocks.
+keeps a dequantized float32 copy for speed, and the layers below are plain torch: they are the
+reference. On CUDA VRAM holds only the blocks: one token (decode) goes through `quant_gemv`,
+with the RMSNorm before it, its bias, residual, SwiGLU or its q/k/v siblings fused into one
+launch; many tokens (prefill) go through `quant_matmul`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from torch import nn
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
-from worker_orcd.kernels.quant_matmul import quant_matmul
+from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.quant_matmul import dequantize_rows, quant_matmul
+from worker_orcd.layers.activation import SiluAndMul
+from worker_orcd.layers.norm import RMSNorm
 
 CHUNK_BYTES = 1 << 20  # spec M0-W-1222
 
@@ -59,6 +64,10 @@ class QuantWeight:
         return dequantize(selected, self.qtype, (*rows.shape, self.shape[-1]))
 
 
+def _fused_norm(norm: RMSNorm | None) -> tuple[torch.Tensor, float] | None:
+    return None if norm is None else (norm.weight, norm.eps)
+
+
 class QuantLinear(nn.Module):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -66,19 +75,64 @@ class QuantLinear(nn.Module):
         self.bias = bias
         self._dense = weight.dequantize() if weight.blocks.device.type == "cpu" else None
 
-    @property
-    def out_features(self) -> int:
-        return self.weight.shape[0]
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """x @ W.T + bias, plus `residual` when given (fused into the matmul on CUDA)."""
-        if self._dense is not None:
-            y = F.linear(x, self._dense, self.bias)
-            return y if residual is None else residual + y
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None = None,
+        norm: RMSNorm | None = None,
+    ) -> torch.Tensor:
+        """norm(x) @ W.T + bias + residual, each part when given; x (tokens, in_features). On
+        CUDA one token's norm, bias and residual ride in the matmul's launch."""
         w = self.weight
-        flat = residual.reshape(-1, w.shape[0]) if residual is not None else None
-        y = quant_matmul(x.reshape(-1, x.shape[-1]), w.blocks, w.qtype, w.shape, self.bias, flat)
-        return y.view(*x.shape[:-1], w.shape[0])
+        if x.is_cuda and x.shape[0] == 1:
+            return gemv(x, w, self.bias, residual, _fused_norm(norm))
+        if norm is not None:
+            x = norm(x)
+        if self._dense is None:
+            return quant_matmul(x, w.blocks, w.qtype, w.shape, self.bias, residual)
+        y = F.linear(x, self._dense, self.bias)
+        return y if residual is None else residual + y
+
+
+class QKVLinear(nn.Module):
+    """The q, k and v projections of one input: one launch for a decode token."""
+
+    def __init__(self, q: QuantLinear, k: QuantLinear, v: QuantLinear):
+        super().__init__()
+        self.projections = nn.ModuleList([q, k, v])
+        if any(p.bias is not None for p in self.projections):  # the kernel takes all or none
+            for p in self.projections:
+                if p.bias is None:
+                    p.bias = torch.zeros(p.weight.shape[0], device=p.weight.blocks.device)
+
+    def forward(
+        self, x: torch.Tensor, norm: RMSNorm | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x.is_cuda and x.shape[0] == 1:
+            weights = [p.weight for p in self.projections]
+            q, k, v = gemv_qkv(x, weights, [p.bias for p in self.projections], _fused_norm(norm))
+            return q, k, v
+        if norm is not None:
+            x = norm(x)
+        q, k, v = (p(x) for p in self.projections)
+        return q, k, v
+
+
+class QuantSwiGLU(nn.Module):
+    """SwiGLU's first half, silu(x @ G.T) * (x @ U.T): one launch for a decode token."""
+
+    def __init__(self, gate: QuantLinear, up: QuantLinear):
+        super().__init__()
+        self.gate = gate
+        self.up = up
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        if x.is_cuda and x.shape[0] == 1:
+            return gemv_swiglu(x, self.gate.weight, self.up.weight, _fused_norm(norm))
+        if norm is not None:
+            x = norm(x)
+        return self.act(self.gate(x), self.up(x))
 
 
 class QuantEmbedding(nn.Module):
@@ -87,4 +141,7 @@ class QuantEmbedding(nn.Module):
         self.weight = weight
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.weight.dequantize_rows(ids)
+        w = self.weight
+        if ids.is_cuda:
+            return dequantize_rows(w.blocks, w.qtype, w.shape, ids)
+        return w.dequantize_rows(ids)

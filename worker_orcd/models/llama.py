@@ -12,10 +12,9 @@ import torch
 from torch import nn
 
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
-from worker_orcd.layers.activation import SiluAndMul
 from worker_orcd.layers.attention import Attention, KVCache
 from worker_orcd.layers.norm import RMSNorm
-from worker_orcd.layers.quant_linear import QuantEmbedding, QuantLinear
+from worker_orcd.layers.quant_linear import QKVLinear, QuantEmbedding, QuantLinear, QuantSwiGLU
 from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
 from worker_orcd.models.registry import register
 from worker_orcd.models.weights import WeightLoader
@@ -78,37 +77,31 @@ class LlamaAttention(nn.Module):
                 weights.quant(f"{prefix}.weight"), weights.optional_vector(f"{prefix}.bias")
             )
 
-        self.q_proj = projection("q")
-        self.k_proj = projection("k")
-        self.v_proj = projection("v")
+        self.qkv_proj = QKVLinear(projection("q"), projection("k"), projection("v"))
         self.o_proj = projection("output")
-        self.rotary = rotary
-        self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim)
-        self.head_dim = config.head_dim
+        self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim, rotary)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, residual: torch.Tensor
+        self, x: torch.Tensor, positions: torch.Tensor, start: int, cache: KVCache, norm: RMSNorm
     ) -> torch.Tensor:
-        """residual + attention(x): the residual add rides in the output projection."""
-        tokens = x.shape[0]
-        q = self.q_proj(x).view(tokens, -1, self.head_dim)
-        k = self.k_proj(x).view(tokens, -1, self.head_dim)
-        v = self.v_proj(x).view(tokens, -1, self.head_dim)
-        q, k = self.rotary(q, positions), self.rotary(k, positions)
-        return self.o_proj(self.attn(q, k, v, positions, cache), residual)
+        """x + attention(norm(x)): the norm rides in the q/k/v projections, the residual add
+        in the output projection."""
+        q, k, v = self.qkv_proj(x, norm)
+        return self.o_proj(self.attn(q, k, v, positions, start, cache), residual=x)
 
 
 class LlamaMLP(nn.Module):
     def __init__(self, index: int, weights: WeightLoader):
         super().__init__()
-        self.gate_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_gate.weight"))
-        self.up_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_up.weight"))
+        self.gate_up_proj = QuantSwiGLU(
+            QuantLinear(weights.quant(f"blk.{index}.ffn_gate.weight")),
+            QuantLinear(weights.quant(f"blk.{index}.ffn_up.weight")),
+        )
         self.down_proj = QuantLinear(weights.quant(f"blk.{index}.ffn_down.weight"))
-        self.act = SiluAndMul()
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        """residual + mlp(x)."""
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)), residual)
+    def forward(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """x + mlp(norm(x))."""
+        return self.down_proj(self.gate_up_proj(x, norm), residual=x)
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -122,9 +115,11 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(weights.vector(f"blk.{index}.ffn_norm.weight"), eps)
         self.mlp = LlamaMLP(index, weights)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        x = self.self_attn(self.input_norm(x), positions, cache, residual=x)
-        return self.mlp(self.post_attention_norm(x), residual=x)
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, start: int, cache: KVCache
+    ) -> torch.Tensor:
+        x = self.self_attn(x, positions, start, cache, self.input_norm)
+        return self.mlp(x, self.post_attention_norm)
 
 
 @register("llama", "qwen2")
@@ -150,12 +145,18 @@ class LlamaForCausalLM(nn.Module):
         c = self.config
         return KVCache(c.num_layers, max_positions, c.num_kv_heads, c.head_dim, self.device)
 
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Hidden states after the final norm for `ids` at consecutive `positions`."""
+    def forward(
+        self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int = 0
+    ) -> torch.Tensor:
+        """Hidden states (before the final norm) for `ids` at `positions`, which are
+        `start, start + 1, ...`: a device tensor for the kernels, a host int for slicing the
+        cache (reading it from the tensor would stall the GPU once per layer)."""
         x = self.embed_tokens(ids)
         for layer in self.layers:
-            x = layer(x, positions, cache)
-        return self.norm(x)
+            x = layer(x, positions, start, cache)
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        """Logits (tokens, vocab) of hidden states (tokens, hidden); the final norm rides in the
+        output head."""
+        return self.lm_head(hidden, norm=self.norm)
