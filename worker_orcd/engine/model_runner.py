@@ -41,12 +41,12 @@ class ModelRunner:
         if self.device.type != "cuda" or bucket is None or bucket > self.max_positions:
             tokens = torch.tensor(ids, device=self.device)
             positions = torch.arange(len(ids), device=self.device)
-            return self._logits(tokens, positions, len(ids) - 1)
+            return self._logits(tokens, positions)
         self._prefill_ids[: len(ids)].copy_(torch.tensor(ids))
         self._last.fill_(len(ids) - 1)  # before a capture too: its warm-up runs index with it
         if bucket not in self._graphs:
             ids_in, positions = self._prefill_ids[:bucket], self._prefill_positions[:bucket]
-            self._capture(bucket, lambda: self._logits(ids_in, positions, self._last))
+            self._capture(bucket, lambda: self._logits(ids_in, positions, last=self._last))
         return self._replay(bucket)
 
     @torch.inference_mode()
@@ -55,24 +55,24 @@ class ModelRunner:
         self._token.fill_(token)
         self._position.fill_(position)
         if self.device.type != "cuda":
-            return self._logits(self._token, self._position, 0, start=position)
+            return self._logits(self._token, self._position, start=position)
         if 1 not in self._graphs:
             # one CUDA token's attention reads its position from the device, never `start`
-            self._capture(1, lambda: self._logits(self._token, self._position, 0))
+            self._capture(1, lambda: self._logits(self._token, self._position))
         return self._replay(1)
 
     def _logits(
         self,
         tokens: torch.Tensor,
         positions: torch.Tensor,
-        last: int | torch.Tensor,
         start: int = 0,
+        last: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (vocab,) of the token at index `last` (a device tensor inside a graph)."""
+        """Logits (vocab,) of the last token, or of the row `last` (a device index) when the
+        tokens are a padded bucket."""
         hidden = self.model(tokens, positions, self.cache, start)
-        if isinstance(last, torch.Tensor):
-            return self.model.compute_logits(hidden.index_select(0, last))[0]
-        return self.model.compute_logits(hidden[last : last + 1])[0]
+        rows = hidden[-1:] if last is None else hidden.index_select(0, last)
+        return self.model.compute_logits(rows)[0]
 
     def _capture(self, tokens: int, step: Callable[[], torch.Tensor]) -> None:
         """Warm up on a side stream (kernels compile, allocations settle), then capture."""

@@ -346,25 +346,21 @@ def _launch(
         if matrix.qtype not in SUPPORTED:
             raise ValueError(f"no quantized matmul for {matrix.qtype.name}")
     x = x.reshape(-1).contiguous()
-    outputs = [torch.empty(1, m.shape[0], device=x.device, dtype=torch.float32) for m in matrices]
-    if swiglu:
-        outputs = outputs[:1]
+    produced = matrices[:1] if swiglu else matrices  # SwiGLU writes one output for two
+    outputs = [torch.empty(1, m.shape[0], device=x.device, dtype=torch.float32) for m in produced]
     config = config or gemv_config(matrices[0].qtype, matrices[0].shape[0], x.numel())
-    if swiglu:
-        programs = triton.cdiv(matrices[0].shape[0], config.block_n)
-    else:
-        programs = sum(triton.cdiv(m.shape[0], config.block_n) for m in matrices)
-    padded = [*matrices, *[matrices[0]] * (3 - len(matrices))]
-    padded_biases = [b if b is not None else outputs[0] for b in biases]
-    padded_biases += [outputs[0]] * (3 - len(padded_biases))
-    padded_outputs = [*outputs, *[outputs[0]] * (3 - len(outputs))]
-    per_matrix = []
-    for matrix, bias, out in zip(padded, padded_biases, padded_outputs, strict=True):
+    programs = sum(triton.cdiv(m.shape[0], config.block_n) for m in produced)
+    per_matrix = []  # the kernel takes three matrices; unused slots repeat the first
+    for i in range(3):
+        matrix = matrices[i] if i < len(matrices) else matrices[0]
+        bias = biases[i] if i < len(biases) and biases[i] is not None else outputs[0]
+        out = outputs[i] if i < len(outputs) else outputs[0]
         per_matrix += [matrix.blocks, _row_bytes(matrix), bias, out, matrix.shape[0]]
+    qtypes = [int(matrices[min(i, len(matrices) - 1)].qtype) for i in range(3)]
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     _gemv_kernel[(programs,)](
         x, norm_weight, eps, x.numel(), residual if residual is not None else x, *per_matrix,
-        QA=int(padded[0].qtype), QB=int(padded[1].qtype), QC=int(padded[2].qtype),
+        QA=qtypes[0], QB=qtypes[1], QC=qtypes[2],
         MATRICES=len(matrices), SWIGLU=swiglu, HAS_NORM=norm is not None,
         HAS_BIAS=any(b is not None for b in biases), HAS_RESIDUAL=residual is not None,
         BN=config.block_n, BLOCK_K=config.block_k, num_warps=config.num_warps,
