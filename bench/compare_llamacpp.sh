@@ -17,7 +17,7 @@ cmake -S /tmp/llama-build/llama.cpp -B /tmp/llama-build/out -DCMAKE_BUILD_TYPE=R
 cmake --build /tmp/llama-build/out --target llama-bench -j "$(nproc)" >"$OUT/build.log" 2>&1
 
 python3 -m worker_orcd.cli synth --preset qwen2.5-0.5b --output "$MODEL"
-python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" | tee "$OUT/ours.txt"
+python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" ${GPU_CHECK_ARGS:-} | tee "$OUT/ours.txt"
 /tmp/llama-build/out/bin/llama-bench -m "$MODEL" -ngl 99 -p 512 -n 128 -fa 1 -o json \
   >"$OUT/llama_bench.json" 2>"$OUT/llama_bench.log"
 python3 bench/compare.py "$OUT/gpu_check.json" "$OUT/llama_bench.json"

@@ -59,10 +59,17 @@ def test_every_format_with_norm_bias_and_residual(random_weight, qtype: T):
     assert relative_error(fused, expected) < TOLERANCE
 
 
-def test_a_row_length_of_3_5_column_steps(random_weight):
-    """Qwen2.5's hidden size, 896: 28 blocks of 32, 3.5 steps of the GEMV's 256 columns."""
-    weight = Weight(random_weight(T.Q5_0, 24, 896, 0), T.Q5_0, (24, 896))
-    x, _ = inputs(896, 0)
+@pytest.mark.parametrize(
+    "qtype, cols",
+    [
+        (T.Q5_0, 896),  # Qwen2.5's hidden size: 28 blocks, one tile of 32 with 4 masked
+        (T.Q5_0, 4864),  # its FFN size: 152 blocks, a tile of 64, a loop step, a tail of 24
+        (T.Q4_K, 4864),  # 76 chunks: a tile of 64 and a tail of 12
+    ],
+)
+def test_rows_of_the_real_lengths(random_weight, qtype: T, cols: int):
+    weight = Weight(random_weight(qtype, 24, cols, 0), qtype, (24, cols))
+    x, _ = inputs(cols, 0)
     assert relative_error(gemv(x.to(DEVICE), weight), x.double() @ weight.dense().T) < TOLERANCE
 
 

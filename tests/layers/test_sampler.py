@@ -11,13 +11,21 @@ NO_HISTORY = torch.tensor([], dtype=torch.long)
 
 def draws(params: SamplingParams, n: int = 2000, seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    return torch.tensor([sample(LOGITS, NO_HISTORY, params, generator) for _ in range(n)])
+    return torch.cat([sample(LOGITS, NO_HISTORY, params, generator) for _ in range(n)])
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.0), SamplingParams(top_p=0.9)])
+def test_the_token_stays_on_the_logits_device_for_the_next_step(params: SamplingParams):
+    token = sample(LOGITS, NO_HISTORY, params, torch.Generator().manual_seed(0))
+    assert token.shape == (1,) and token.dtype == torch.long and token.device == LOGITS.device
 
 
 def test_temperature_zero_is_argmax_and_ignores_the_generator():
     logits = torch.randn(1000, generator=torch.Generator().manual_seed(1))
     params = SamplingParams(temperature=0.0)
-    picks = {sample(logits, NO_HISTORY, params, torch.Generator().manual_seed(s)) for s in range(5)}
+    picks = {
+        int(sample(logits, NO_HISTORY, params, torch.Generator().manual_seed(s))) for s in range(5)
+    }
     assert picks == {int(logits.argmax())}
 
 
@@ -63,7 +71,7 @@ def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
 def test_greedy_with_repetition_penalty_avoids_the_repeated_token():
     logits = torch.tensor([3.0, 2.0, 0.0])
     params = SamplingParams(temperature=0.0, repetition_penalty=2.0)
-    assert sample(logits, torch.tensor([0]), params, torch.Generator()) == 1
+    assert sample(logits, torch.tensor([0]), params, torch.Generator()).tolist() == [1]
     assert logits.tolist() == [3.0, 2.0, 0.0]  # the caller's logits are not modified
 
 

@@ -3,6 +3,9 @@
 The loop is prefill once, then decode one token at a time; every token goes through the sampler
 with the request's own seeded generator, then through the streaming detokenizer and the stop
 matcher, so what reaches the caller is whole characters that are never part of a stop string.
+The sampler runs on the device, and each decode step is queued behind the token it reads before
+the host sees that token (as vLLM's asynchronous scheduling does): the host's work per token
+overlaps the GPU's, and a step queued past a stop is discarded.
 """
 
 from __future__ import annotations
@@ -124,6 +127,25 @@ class LLM:
         return Generation(self, prompt_ids, params)
 
 
+class _Drawn:
+    """A sampled token id on its way to the host. The device copy feeds the next step at once;
+    the host copy arrives by an asynchronous transfer, and `value()` waits for that alone."""
+
+    def __init__(self, token: torch.Tensor):
+        self.token = token
+        self._host, self._ready = token, None
+        if token.is_cuda:
+            self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
+            self._host.copy_(token, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def value(self) -> int:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return int(self._host)
+
+
 class Generation:
     """Iterate for the text chunks as they are decided; `result` is set once iteration ends.
 
@@ -149,11 +171,6 @@ class Generation:
     def cancel(self) -> None:
         self._cancelled.set()
 
-    def _history(self, tokens: list[int]) -> torch.Tensor:
-        """The generated ids, copied to the device only when a repetition penalty needs them."""
-        ids = tokens if self.params.repetition_penalty != 1.0 else []
-        return torch.tensor(ids, dtype=torch.long, device=self.llm.device)
-
     def __iter__(self) -> Iterator[TextChunk]:
         llm, params = self.llm, self.params
         budget = min(params.max_tokens, llm.context_length - len(self.prompt_ids))
@@ -161,21 +178,32 @@ class Generation:
         detokenizer = llm.tokenizer.detokenizer()
         stops = StopMatcher(params.stop)
         eog = frozenset() if params.ignore_eos else llm.tokenizer.eog_ids
+        history = torch.empty(budget, dtype=torch.long, device=llm.device)  # drawn ids
         tokens: list[int] = []
         pieces: list[str] = []
         stop_reason, matched = "max_tokens", None
         start = time.perf_counter()
         first_token_at = start
+
+        def draw(logits: torch.Tensor) -> _Drawn:
+            drawn = len(tokens)
+            token = sample(logits, history[:drawn], params, generator)
+            if params.repetition_penalty != 1.0:
+                history[drawn : drawn + 1].copy_(token)
+            return _Drawn(token)
+
         with torch.inference_mode():
+            drawn = None if self._cancelled.is_set() else draw(llm.runner.prefill(self.prompt_ids))
             while True:
                 if self._cancelled.is_set():
                     stop_reason = "cancelled"
                     break
-                if tokens:
-                    logits = llm.runner.decode(tokens[-1], len(self.prompt_ids) + len(tokens) - 1)
-                else:
-                    logits = llm.runner.prefill(self.prompt_ids)
-                token = sample(logits, self._history(tokens), params, generator)
+                # The next step is queued behind the drawn token before the host reads it, so
+                # the GPU decodes while the host detokenizes and streams.
+                ahead = None
+                if len(tokens) + 1 < budget:
+                    ahead = llm.runner.decode(drawn.token, len(self.prompt_ids) + len(tokens))
+                token = drawn.value()
                 if not tokens:
                     first_token_at = time.perf_counter()
                 if token in eog:
@@ -192,6 +220,7 @@ class Generation:
                 if len(tokens) == budget:
                     stop_reason = "max_tokens" if budget == params.max_tokens else "context_length"
                     break
+                drawn = draw(ahead)
         if matched is None and stop_reason != "cancelled":
             text, matched = stops.push(detokenizer.flush())
             text += stops.flush() if matched is None else ""

@@ -50,9 +50,13 @@ class ModelRunner:
         return self._replay(bucket)
 
     @torch.inference_mode()
-    def decode(self, token: int, position: int) -> torch.Tensor:
-        """Logits (vocab,) after `token` at `position`."""
-        self._token.fill_(token)
+    def decode(self, token: int | torch.Tensor, position: int) -> torch.Tensor:
+        """Logits (vocab,) after `token` at `position`. The token may be a one-element tensor on
+        the device, still being computed: the step is queued behind it, with no wait."""
+        if isinstance(token, torch.Tensor):
+            self._token.copy_(token.view(1))
+        else:
+            self._token.fill_(token)
         self._position.fill_(position)
         if self.device.type != "cuda":
             return self._logits(self._token, self._position, start=position)

@@ -16,37 +16,45 @@ def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalt
     """CTRL-style, in place: seen tokens' positive logits shrink, negative ones grow."""
     if penalty == 1.0 or history.numel() == 0:
         return
-    seen = history.unique()
-    scores = logits[seen]
-    logits[seen] = torch.where(scores > 0, scores / penalty, scores * penalty)
+    seen = torch.zeros_like(logits, dtype=torch.bool).index_fill_(0, history, True)
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    logits.copy_(torch.where(seen, penalized, logits))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> None:
     """Mask, in place, every token that top-k, top-p or min-p excludes."""
     if 0 < top_k < logits.numel():
         kth = torch.topk(logits, top_k).values[-1]
-        logits[logits < kth] = -torch.inf
+        logits.masked_fill_(logits < kth, -torch.inf)
     if top_p < 1.0:
         probs, order = logits.softmax(-1).sort(descending=True)
-        mass_before = probs.cumsum(-1) - probs
-        logits[order[mass_before >= top_p]] = -torch.inf  # keeps at least the top token
+        mass_before = probs.cumsum(-1) - probs  # keeps at least the top token
+        excluded = torch.empty_like(logits, dtype=torch.bool).scatter_(
+            0, order, mass_before >= top_p
+        )
+        logits.masked_fill_(excluded, -torch.inf)
     if min_p > 0.0:
         probs = logits.softmax(-1)
-        logits[probs < min_p * probs.max()] = -torch.inf
+        logits.masked_fill_(probs < min_p * probs.max(), -torch.inf)
 
 
 def sample(
     logits: torch.Tensor, history: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> int:
-    """One token id from the float32 `logits` (vocab,); `history` holds the generated ids."""
+) -> torch.Tensor:
+    """One token id from the float32 `logits` (vocab,); `history` holds the generated ids.
+
+    Returns the id as a one-element tensor on the logits' device, computed without waiting for
+    the device, so that the caller can queue the next step before it reads the id."""
+    if params.temperature == 0.0 and params.repetition_penalty == 1.0:
+        return logits.argmax().view(1)
     logits = logits.float().clone()
     if params.temperature == 0.0:
         apply_repetition_penalty(logits, history, params.repetition_penalty)
-        return int(logits.argmax())
+        return logits.argmax().view(1)
     if params.temperature != 1.0:
         logits /= params.temperature
     apply_repetition_penalty(logits, history, params.repetition_penalty)
     filter_logits(logits, params.top_k, params.top_p, params.min_p)
     cdf = logits.softmax(-1).cumsum(-1)
     u = torch.rand(1, generator=generator, device=logits.device) * cdf[-1]
-    return int(torch.searchsorted(cdf, u, right=True).clamp(max=logits.numel() - 1))
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.numel() - 1)
