@@ -274,30 +274,33 @@ def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, HAS_NORM: t
 
 
 @triton.constexpr_function
-def _unit(qtype: int) -> int:
-    """Elements per unit of a word-level reader: a block, or a K-quant super-block's chunk."""
-    return 64 if qtype in (12, 14) else 32
+def _units(qtype: int, k: int) -> int:
+    """Units in a row for a word-level reader: blocks, or K-quant super-blocks' 64-element
+    chunks."""
+    return k // (64 if qtype in (12, 14) else 32)
 
 
 @triton.constexpr_function
-def _step(units: int) -> int:
+def _step(qtype: int, k: int) -> int:
     """Units per full tile, a power of two, at most UNIT_CAP (registers): the row's units
     rounded up if that pads them by at most 1/8, else rounded down (a tail tile takes the
     rest)."""
+    units = _units(qtype, k)
     up = triton.next_power_of_2(units)
     return min(up if 8 * units >= 7 * up else up // 2, UNIT_CAP)
 
 
 @triton.constexpr_function
-def _end(units: int, step: int) -> int:
-    """Where the full tiles end: the first tile, [0, step), is loaded even when it is masked."""
-    return max(step, units // step * step)
+def _end(qtype: int, k: int) -> int:
+    """Where the full tiles end: the first tile is loaded even when it is masked."""
+    step = _step(qtype, k)
+    return max(step, _units(qtype, k) // step * step)
 
 
 @triton.constexpr_function
-def _tail(units: int, step: int) -> int:
+def _tail(qtype: int, k: int) -> int:
     """Units in the last, partial tile (a power of two, masked), or 0."""
-    rest = units - _end(units, step)
+    rest = _units(qtype, k) - _end(qtype, k)
     return triton.next_power_of_2(rest) if rest > 0 else 0
 
 
@@ -347,19 +350,21 @@ def _dot(
 
 
 @triton.jit
+def _row_starts(w_ptr, rows, N, K: tl.constexpr, QTYPE: tl.constexpr):
+    return w_ptr + rows.to(tl.int64) * _row_bytes(QTYPE, K), rows < N
+
+
+@triton.jit
 def _prefetch(w_ptr, rows, N, K: tl.constexpr, QTYPE: tl.constexpr):
     """The raw words of W[rows]'s first and last tiles: whole rows up to 2 * UNIT_CAP units.
     Weights do not depend on the previous kernel, so they load before waiting for it."""
-    row = w_ptr + rows.to(tl.int64) * _row_bytes(QTYPE, K)
-    rmask = rows < N
+    row, rmask = _row_starts(w_ptr, rows, N, K, QTYPE)
     if _word_level(QTYPE):
-        UNITS: tl.constexpr = K // _unit(QTYPE)
-        STEP: tl.constexpr = _step(UNITS)
-        TAIL: tl.constexpr = _tail(UNITS, STEP)
-        first = _load(row, rmask, 0, UNITS, QTYPE, STEP)
+        UNITS: tl.constexpr = _units(QTYPE, K)
+        first = _load(row, rmask, 0, UNITS, QTYPE, _step(QTYPE, K))
         last = first
-        if TAIL > 0:
-            last = _load(row, rmask, _end(UNITS, STEP), UNITS, QTYPE, TAIL)
+        if _tail(QTYPE, K) > 0:
+            last = _load(row, rmask, _end(QTYPE, K), UNITS, QTYPE, _tail(QTYPE, K))
     else:
         first, last = rows, rows  # placeholders: these formats load as they go
     return first, last
@@ -372,18 +377,18 @@ def _dot_rows(
 ):  # fmt: skip
     """W[rows] @ x, with x times the norm weight but not yet divided by its rms: (BN,) float32."""
     first, last = prefetched
-    row = w_ptr + rows.to(tl.int64) * _row_bytes(QTYPE, K)
-    rmask = rows < N
+    row, rmask = _row_starts(w_ptr, rows, N, K, QTYPE)
     if _word_level(QTYPE):
-        UNITS: tl.constexpr = K // _unit(QTYPE)
-        STEP: tl.constexpr = _step(UNITS)
-        TAIL: tl.constexpr = _tail(UNITS, STEP)
+        UNITS: tl.constexpr = _units(QTYPE, K)
+        STEP: tl.constexpr = _step(QTYPE, K)
         acc = tl.sum(_dot(first, x_ptr, norm_ptr, 0, UNITS, QTYPE, STEP, HAS_NORM), axis=1)
-        for unit0 in tl.range(STEP, _end(UNITS, STEP), STEP):
+        for unit0 in tl.range(STEP, _end(QTYPE, K), STEP):
             raw = _load(row, rmask, unit0, UNITS, QTYPE, STEP)
             acc += tl.sum(_dot(raw, x_ptr, norm_ptr, unit0, UNITS, QTYPE, STEP, HAS_NORM), axis=1)
-        if TAIL > 0:
-            tail = _dot(last, x_ptr, norm_ptr, _end(UNITS, STEP), UNITS, QTYPE, TAIL, HAS_NORM)
+        if _tail(QTYPE, K) > 0:
+            tail = _dot(
+                last, x_ptr, norm_ptr, _end(QTYPE, K), UNITS, QTYPE, _tail(QTYPE, K), HAS_NORM
+            )
             acc += tl.sum(tail, axis=1)
     else:
         acc = tl.zeros((BN,), dtype=tl.float32)
