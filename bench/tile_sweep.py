@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import astuple
 from types import SimpleNamespace
 
 import numpy as np
@@ -27,8 +28,8 @@ from worker_orcd.kernels.quant_gemv import GemvConfig, gemv, gemv_config, gemv_q
 from worker_orcd.kernels.quant_matmul import quant_matmul
 
 COLD_BYTES = 256 << 20  # copies per role: enough weight bytes that none stays in L2
-WARPS = (1, 2, 4, 8)
-MAX_TILE_ELEMENTS = 32768  # rows per program times row length: more spills registers
+WARPS = (2, 4, 8)
+MAX_TILE_ELEMENTS = 65536  # rows per program times row length: more spills registers
 
 
 def _matrix(qtype: T, n: int, k: int, rng: np.random.Generator) -> SimpleNamespace:
@@ -96,10 +97,10 @@ def sweep_gemv(rng: np.random.Generator, names: list[str]) -> None:
         copies = max(2, COLD_BYTES // role_bytes)
         sets = [matrices] + [[_copy(m) for m in matrices] for _ in range(copies - 1)]
         x = torch.randn(1, k, device="cuda")
-        default = gemv_config(matrices[0].qtype, n, k)
+        default = gemv_config(matrices[0].qtype, n, k, len(matrices))
         results = []
-        tiles = [b for b in (1, 2, 4, 8, 16, 32) if b * k <= MAX_TILE_ELEMENTS and b * 64 <= n]
-        for config in [GemvConfig(b, w) for b in tiles for w in WARPS]:
+        tiles = [b for b in (2, 4, 8, 16, 32, 64) if b * k <= MAX_TILE_ELEMENTS and b * 16 <= n]
+        for config in [GemvConfig(b, w, q) for b in tiles for w in WARPS for q in (False, True)]:
             try:
                 results.append((_us_per_launch(launch, sets, x, config), config))
             except Exception as error:  # a tile too large for the registers
@@ -110,7 +111,7 @@ def sweep_gemv(rng: np.random.Generator, names: list[str]) -> None:
         print(
             f"GEMV {role} ({copies} copies): best {best_us:.2f} us {best} "
             f"({role_bytes / best_us / 1e3:.0f} GB/s); default {default} {chosen:.2f} us; "
-            f"top 5 {[(round(t, 2), c.block_n, c.num_warps) for t, c in results[:5]]}",
+            f"top 5 {[(round(t, 2), *astuple(c)) for t, c in results[:5]]}",
             flush=True,
         )
         del sets

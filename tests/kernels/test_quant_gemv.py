@@ -1,5 +1,6 @@
 """The decode GEMV and what rides in its launch, against the layers' torch code: RMSNorm, then
-`x @ dequantize(W).T`, bias, residual, SwiGLU."""
+`x @ dequantize(W).T`, bias, residual, SwiGLU. Formats multiplied in integers see x as
+`quantize_activation` rounds it, so their reference rounds x the same way."""
 
 from __future__ import annotations
 
@@ -12,11 +13,19 @@ from gguf import GGMLQuantizationType as T
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.kernels.blocks import SUPPORTED
-from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.quant_gemv import (
+    INTEGER_DOT,
+    GemvConfig,
+    gemv,
+    gemv_qkv,
+    gemv_swiglu,
+    quantize_activation,
+)
 from worker_orcd.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOLERANCE = 1e-5  # float32 throughout, only the order of the sums differs
+ROUNDING_TOLERANCE = 2e-2  # x rounded to 8 bits per block, against unrounded x
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,18 @@ class Weight:
 
     def dense(self) -> torch.Tensor:
         return dequantize(self.blocks, self.qtype, self.shape).cpu().double()
+
+
+def product(x: torch.Tensor, weight: Weight, norm: RMSNorm | None = None) -> torch.Tensor:
+    """What the kernel computes for `norm(x) @ W.T`: x times the norm weight, rounded for integer
+    formats, times W, times 1/rms(x), which factors out of every dot product."""
+    inverse_rms = 1.0
+    if norm is not None:
+        inverse_rms = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.eps).double()
+        x = x * norm.weight
+    if weight.qtype in INTEGER_DOT:
+        x = quantize_activation(x)
+    return inverse_rms * (x.double() @ weight.dense().T)
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -49,14 +70,17 @@ def test_every_format_with_norm_bias_and_residual(random_weight, qtype: T):
 
     plain = gemv(x.to(DEVICE), weight)
     assert plain.shape == (1, n) and plain.dtype == torch.float32
-    assert relative_error(plain, x.double() @ weight.dense().T) < TOLERANCE
+    assert relative_error(plain, product(x, weight)) < TOLERANCE
+    assert relative_error(plain, x.double() @ weight.dense().T) < ROUNDING_TOLERANCE
 
     fused = gemv(
         x.to(DEVICE), weight, bias.to(DEVICE), residual.to(DEVICE),
         (norm.weight.to(DEVICE), norm.eps),
     )  # fmt: skip
-    expected = residual.double() + norm(x).double() @ weight.dense().T + bias.double()
+    expected = residual.double() + product(x, weight, norm) + bias.double()
     assert relative_error(fused, expected) < TOLERANCE
+    unrounded = residual.double() + norm(x).double() @ weight.dense().T + bias.double()
+    assert relative_error(fused, unrounded) < ROUNDING_TOLERANCE
 
 
 @pytest.mark.parametrize(
@@ -65,12 +89,13 @@ def test_every_format_with_norm_bias_and_residual(random_weight, qtype: T):
         (T.Q5_0, 896),  # Qwen2.5's hidden size: 28 blocks, one tile of 32 with 4 masked
         (T.Q5_0, 4864),  # its FFN size: 152 blocks, a tile of 64, a loop step, a tail of 24
         (T.Q4_K, 4864),  # 76 chunks: a tile of 64 and a tail of 12
+        (T.Q6_K, 4864),  # 38 halves of super-blocks: a tile of 32 and a tail of 6
     ],
 )
 def test_rows_of_the_real_lengths(random_weight, qtype: T, cols: int):
     weight = Weight(random_weight(qtype, 24, cols, 0), qtype, (24, cols))
     x, _ = inputs(cols, 0)
-    assert relative_error(gemv(x.to(DEVICE), weight), x.double() @ weight.dense().T) < TOLERANCE
+    assert relative_error(gemv(x.to(DEVICE), weight), product(x, weight)) < TOLERANCE
 
 
 def test_swiglu_of_two_formats_after_the_norm(random_weight):
@@ -78,8 +103,7 @@ def test_swiglu_of_two_formats_after_the_norm(random_weight):
     up = Weight(random_weight(T.Q4_K, 72, 512, 2), T.Q4_K, (72, 512))
     x, norm = inputs(512, 3)
     y = gemv_swiglu(x.to(DEVICE), gate, up, (norm.weight.to(DEVICE), norm.eps))
-    normed = norm(x).double()
-    expected = F.silu(normed @ gate.dense().T) * (normed @ up.dense().T)
+    expected = F.silu(product(x, gate, norm)) * product(x, up, norm)
     assert y.shape == (1, 72)
     assert relative_error(y, expected) < TOLERANCE
 
@@ -97,11 +121,40 @@ def test_q_k_and_v_in_one_launch(random_weight, with_bias: bool):
         (norm.weight.to(DEVICE), norm.eps),
     )  # fmt: skip
     for out, weight, bias in zip(outputs, weights, biases, strict=True):
-        expected = norm(x).double() @ weight.dense().T
+        expected = product(x, weight, norm)
         if bias is not None:
             expected += bias.double()
         assert out.shape == (1, weight.shape[0])
         assert relative_error(out, expected) < TOLERANCE
+
+
+@pytest.mark.parametrize("qtype", sorted(INTEGER_DOT, key=int), ids=lambda q: q.name)
+def test_x_rounded_once_in_a_launch_of_its_own(random_weight, qtype: T):
+    # the path of long rows and of the output head: one launch rounds x, the GEMV gathers it
+    n, k = 40, 768
+    weight = Weight(random_weight(qtype, n, k, int(qtype) + 1), qtype, (n, k))
+    x, norm = inputs(k, int(qtype) + 1)
+    residual = torch.randn(1, n)
+    on_device = (norm.weight.to(DEVICE), norm.eps)
+    once = gemv(x.to(DEVICE), weight, residual=residual.to(DEVICE), norm=on_device,
+                config=GemvConfig(8, 4, quantize_first=True))  # fmt: skip
+    each = gemv(x.to(DEVICE), weight, residual=residual.to(DEVICE), norm=on_device,
+                config=GemvConfig(8, 4))  # fmt: skip
+    expected = residual.double() + product(x, weight, norm)
+    assert relative_error(once, expected) < TOLERANCE
+    assert relative_error(once, each.cpu().double()) < TOLERANCE
+
+
+def test_activation_rounding_is_within_half_a_step_per_block():
+    x = torch.randn(1, 256, generator=torch.Generator().manual_seed(5)) * 3
+    x[0, 32:64] = 0.0  # an all-zero block stays zero
+    rounded = quantize_activation(x).reshape(8, 32)
+    blocks = x.reshape(8, 32)
+    step = blocks.abs().amax(dim=1, keepdim=True) / 127
+    assert torch.all((rounded - blocks).abs() <= step / 2 + 1e-6)
+    assert torch.all(rounded[1] == 0)
+    levels = torch.round(rounded / step.clamp_min(1e-30))
+    assert torch.all(levels.abs() <= 127) and torch.all(levels.abs().amax(dim=1)[[0, 2]] == 127)
 
 
 def test_unsupported_types_are_refused():

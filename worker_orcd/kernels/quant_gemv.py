@@ -3,16 +3,20 @@ neighbours fused in.
 
 At batch 1 a matmul is one pass over the weight bytes, and a token's launches cost more than its
 arithmetic. So a program reads whole 16- or 32-bit words of packed quants (never one byte per
-element), unpacks them with shifts in registers and multiplies them with the elements of x that
-the word holds, gathered in the word's own order; per-block scales multiply partial sums, not
-elements (llama.cpp's mmvq reads blocks the same way). Formats without a word-level reader here
-(F32, F16, BF16, Q5_K, MXFP4) take the generic tile dequantizer.
+element) and unpacks them with shifts in registers into words of four 8-bit quants. x is
+rounded to 8 bits per 32-element block (`quantize_activation`, llama.cpp's Q8_1), so one
+`dp4a` multiplies four weights by four elements of x and sums them in integers; per-block
+scales multiply the integer sums (llama.cpp's mmvq computes the same way). x is rounded either
+by each program, once per tile, or, where the programs are many or x is long, once by a launch
+of its own (`quantize_x`) whose output every program gathers. Formats without a word-level
+reader here (F32, F16, BF16, Q5_K, MXFP4) take the generic tile dequantizer and float x.
 
 Riding in the same launch: RMSNorm of x (1/rms is a scalar that factors out of every dot
 product, and the norm weight multiplies x as it is loaded), bias, residual, SwiGLU over two
 matrices, and q, k and v, three matrices of one input. The torch reference is
-`x @ dequantize(W).T` with the same neighbours applied in torch. Tiles are fixed per shape and
-there are no atomics, so the order of every sum, and so every result, is reproducible.
+`quantize_activation(x) @ dequantize(W).T` (x unrounded for the generic formats) with the same
+neighbours applied in torch. Tiles are fixed per shape and there are no atomics, so the order
+of every sum, and so every result, is reproducible.
 
 A program covers whole rows: K is a compile-time constant, and the rows' words are loaded as
 one or two tiles (up to 2 * UNIT_CAP blocks) issued together, so a launch waits on memory once
@@ -20,12 +24,13 @@ rather than once per step of a loop. On Hopper, kernels are launched with progra
 launch: the next kernel starts while this one runs, loads its weights (which no kernel writes),
 and only then waits for the kernel before it, whose output is its x. A decode token is one
 chain of such launches, so launch latency and the first trip to memory overlap the previous
-kernel. x is gathered in the tile's own layout (see `_spread`).
+kernel.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -39,12 +44,25 @@ from worker_orcd.kernels.blocks import SUPPORTED, dequant_tile
 T = GGMLQuantizationType
 UNIT_CAP = 64  # units (blocks or K-quant chunks) per tile: bounds a program's registers
 GENERIC_BLOCK_K = tl.constexpr(256)  # elements per step for formats read by `dequant_tile`
+# formats read by words and multiplied in 8-bit integers with x quantized as `quantize_activation`
+INTEGER_DOT = frozenset({T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K})
+X_FLOAT, X_NORMED, X_QUANTIZED = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)  # x as given
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 class Matrix(Protocol):
     blocks: torch.Tensor  # uint8, the tensor's GGUF bytes
     qtype: GGMLQuantizationType
     shape: tuple[int, ...]  # (rows, cols)
+
+
+def quantize_activation(x: torch.Tensor) -> torch.Tensor:
+    """The torch reference for the x that the INTEGER_DOT formats are multiplied with: blocks
+    of 32 elements rounded to 8 bits at scale amax / 127, ties to even (llama.cpp's Q8_1)."""
+    blocks = x.float().reshape(-1, 32)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax.clamp_min(1e-30), 0.0)
+    return (torch.round(blocks * inverse) * (amax / 127.0)).reshape(x.shape)
 
 
 @triton.jit
@@ -57,19 +75,100 @@ def _x(x_ptr, norm_ptr, index, mask, HAS_NORM: tl.constexpr):
 
 
 @triton.jit
-def _spread(index, mask, shape: tl.constexpr):
-    """A (units, words) gather of x, repeated over a tile's rows: loading x in the tile's own
-    layout costs a few L1 hits, where loading it once would cost a trip through shared memory
-    and a barrier for each gather, one after another."""
-    return tl.broadcast_to(index[None, :, :], shape), tl.broadcast_to(
-        mask[:, None][None, :, :], shape
-    )
+def _dp4a(a, b, acc):
+    """acc + the dot product of a's and b's four signed bytes: one instruction on the GPU,
+    emulated in Triton's interpreter, which runs no inline assembly."""
+    if _INTERPRET:
+        for i in tl.static_range(4):
+            acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        result = acc
+    else:
+        result = tl.inline_asm_elementwise(
+            "dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc],
+            dtype=tl.int32, is_pure=True, pack=1,
+        )  # fmt: skip
+    return result
+
+
+@triton.jit
+def _round(v):
+    """v rounded to the nearest integer, ties to even, as int32 (torch.round's rule)."""
+    if _INTERPRET:
+        result = ((v + 12582912.0) - 12582912.0).to(tl.int32)  # 1.5 * 2^23 drops the fraction
+    else:  # one conversion, which the compiler cannot fuse with the multiply before it
+        result = tl.inline_asm_elementwise(
+            "cvt.rni.s32.f32 $0, $1;", "=r,r", [v], dtype=tl.int32, is_pure=True, pack=1
+        )
+    return result
+
+
+@triton.jit
+def _pack(q):
+    """Words of four int8s from (units, words, 4) int32 quants, element 0 in the low byte."""
+    i = tl.arange(0, 4)[None, None, :]
+    return tl.sum(tl.where(i == 3, q << 24, (q & 255) << (8 * i)), axis=2)
+
+
+@triton.jit
+def _x_block(x_ptr, norm_ptr, first, mask, ROWS: tl.constexpr, X: tl.constexpr):
+    """x over the 32-element blocks that start at `first` (units,), quantized as
+    `quantize_activation` does: the words of elements 0-15 and of 16-31 (rows, units, 4), each
+    four int8s in order, the block's scale and the sums of the two halves' quants (rows,
+    units). Rows are 1 (to broadcast) where the program quantizes x itself (X_FLOAT: x is
+    float32; X_NORMED: times the norm weight) and ROWS where it gathers a `QuantizedX`
+    (X_QUANTIZED), whose words are loaded in the tile's own layout."""
+    if X == X_QUANTIZED:
+        at = tl.broadcast_to((first // 32 * 12)[None, :], (ROWS, first.shape[0]))
+        valid = tl.broadcast_to(mask[None, :], (ROWS, first.shape[0]))
+        word = at[:, :, None] + tl.arange(0, 4)[None, None, :]
+        low = tl.load(x_ptr + word, mask=valid[:, :, None], other=0)
+        high = tl.load(x_ptr + word + 4, mask=valid[:, :, None], other=0)
+        scale = tl.load(x_ptr + at + 8, mask=valid, other=0).to(tl.float32, bitcast=True)
+        sum_low = tl.load(x_ptr + at + 9, mask=valid, other=0)
+        sum_high = tl.load(x_ptr + at + 10, mask=valid, other=0)
+    else:
+        index = first[:, None, None] + 4 * tl.arange(0, 4)[None, :, None]
+        index += tl.arange(0, 4)[None, None, :]
+        x_low = _x(x_ptr, norm_ptr, index, mask[:, None, None], X == X_NORMED)
+        x_high = _x(x_ptr, norm_ptr, index + 16, mask[:, None, None], X == X_NORMED)
+        amax = tl.max(tl.max(tl.maximum(tl.abs(x_low), tl.abs(x_high)), axis=2), axis=1)
+        inverse = tl.where(amax > 0, tl.div_rn(127.0, tl.maximum(amax, 1e-30)), 0.0)
+        q_low = _round(x_low * inverse[:, None, None])
+        q_high = _round(x_high * inverse[:, None, None])
+        low, high = _pack(q_low)[None, :, :], _pack(q_high)[None, :, :]
+        scale = tl.div_rn(amax, 127.0)[None, :]
+        sum_low = tl.sum(tl.sum(q_low, axis=2), axis=1)[None, :]
+        sum_high = tl.sum(tl.sum(q_high, axis=2), axis=1)[None, :]
+    return low, high, scale, sum_low, sum_high
+
+
+@triton.jit
+def _dot_words(weights, x_words):
+    """Sum over the last axis of dp4a(weights, x): (rows, units, words), x broadcast."""
+    x_words = tl.broadcast_to(x_words, weights.shape)
+    return tl.sum(_dp4a(weights, x_words, tl.zeros(weights.shape, dtype=tl.int32)), axis=2)
+
+
+@triton.jit
+def _word(low, high):
+    """int32 words from their 16-bit halves (blocks of these formats are 2-byte aligned)."""
+    return low.to(tl.int32) | (high.to(tl.int32) << 16)
 
 
 @triton.jit
 def _f32(half_bits):
     """float32 of f16 bit patterns loaded as 16-bit integers."""
     return half_bits.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _halves16(ptr, mask):
+    """The 16-bit halves of the four words at `ptr` (rows, units) of 16-bit words."""
+    j = 2 * tl.arange(0, 4)[None, None, :]
+    return (
+        tl.load(ptr[:, :, None] + j, mask=mask[:, :, None], other=0),
+        tl.load(ptr[:, :, None] + j + 1, mask=mask[:, :, None], other=0),
+    )
 
 
 @triton.jit
@@ -84,8 +183,6 @@ def _load_q32(row, rmask, unit0, n_units, QTYPE: tl.constexpr, NB: tl.constexpr)
     b = unit0 + tl.arange(0, NB)
     mask = rmask[:, None] & (b < n_units)[None, :]
     words = (row[:, None] + b[None, :] * SIZE).to(tl.pointer_type(tl.uint16))
-    w = tl.arange(0, 8)
-    quants = tl.load(words[:, :, None] + QS_AT + w[None, None, :], mask=mask[:, :, None], other=0)
     scale = tl.load(words, mask=mask, other=0)
     minimum, low, high = scale, scale, scale  # placeholders where the format has none
     if HAS_MIN:
@@ -93,89 +190,83 @@ def _load_q32(row, rmask, unit0, n_units, QTYPE: tl.constexpr, NB: tl.constexpr)
     if HAS_HIGH:
         low = tl.load(words + HIGH_AT, mask=mask, other=0)
         high = tl.load(words + HIGH_AT + 1, mask=mask, other=0)
-    return quants, scale, minimum, low, high
+    return _halves16(words + QS_AT, mask), scale, minimum, low, high
+
+
+@triton.jit
+def _spread_bits(bits):
+    """The low 4 bits of `bits`, one to bit 0 of each byte (no two products overlap)."""
+    return ((bits & 15) * 0x00204081) & 0x01010101
 
 
 @triton.jit
 def _dot_q32(
     raw, x_ptr, norm_ptr, unit0, n_units,
-    QTYPE: tl.constexpr, NB: tl.constexpr, HAS_NORM: tl.constexpr,
+    QTYPE: tl.constexpr, NB: tl.constexpr, X: tl.constexpr,
 ):  # fmt: skip
-    """Word w of a block's quants holds elements 2w and 2w+1 (low nibbles of its two bytes) and
-    2w+16 and 2w+17 (high nibbles); x is gathered in that order."""
+    """Word j of a block's quants holds elements 4j..4j+3 in its bytes' low nibbles and
+    16+4j.. in their high nibbles; Q5's high bits become bit 4 of each byte."""
     HAS_MIN: tl.constexpr = QTYPE == 3 or QTYPE == 7
     HAS_HIGH: tl.constexpr = QTYPE == 6 or QTYPE == 7
     quants, scale, minimum, low, high = raw
     b = unit0 + tl.arange(0, NB)
-    bmask = b < n_units
-    w = tl.arange(0, 8)
-    v = quants.to(tl.int32)
-    index, xmask = _spread(32 * b[:, None] + 2 * w[None, :], bmask, v.shape)
-    x0 = _x(x_ptr, norm_ptr, index, xmask, HAS_NORM)
-    x1 = _x(x_ptr, norm_ptr, index + 1, xmask, HAS_NORM)
-    x16 = _x(x_ptr, norm_ptr, index + 16, xmask, HAS_NORM)
-    x17 = _x(x_ptr, norm_ptr, index + 17, xmask, HAS_NORM)
-    q0, q1, q16, q17 = v & 15, (v >> 8) & 15, (v >> 4) & 15, (v >> 12) & 15
+    x_low, x_high, x_scale, x_sum, x_sum_high = _x_block(
+        x_ptr, norm_ptr, 32 * b, b < n_units, scale.shape[0], X
+    )
+    v = _word(quants[0], quants[1])
+    q_low, q_high = v & 0x0F0F0F0F, (v >> 4) & 0x0F0F0F0F
     if HAS_HIGH:
-        low = low.to(tl.int32)[:, :, None] >> (2 * w[None, None, :])
-        high = high.to(tl.int32)[:, :, None] >> (2 * w[None, None, :])
-        q0 |= (low & 1) << 4
-        q1 |= (low & 2) << 3
-        q16 |= (high & 1) << 4
-        q17 |= (high & 2) << 3
-    products = q0.to(tl.float32) * x0 + q1.to(tl.float32) * x1
-    products += q16.to(tl.float32) * x16 + q17.to(tl.float32) * x17
-    dot = tl.sum(products, axis=2)
-    x_sum = tl.sum(x0 + x1 + x16 + x17, axis=2)
+        bits = _word(low, high)[:, :, None] >> (4 * tl.arange(0, 4)[None, None, :])
+        q_low |= _spread_bits(bits) << 4
+        q_high |= _spread_bits(bits >> 16) << 4
+    dot = _dot_words(q_low, x_low) + _dot_words(q_high, x_high)
+    x_sum = x_sum + x_sum_high
     if HAS_MIN:
-        part = _f32(scale) * dot + _f32(minimum) * x_sum
+        part = _f32(scale) * dot.to(tl.float32) + _f32(minimum) * x_sum.to(tl.float32)
     else:
         OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
-        part = _f32(scale) * (dot - OFFSET * x_sum)
-    return part
+        part = _f32(scale) * (dot - OFFSET * x_sum).to(tl.float32)
+    return x_scale * part
 
 
 @triton.jit
 def _load_q8_0(row, rmask, unit0, n_units, NB: tl.constexpr):
-    """Q8_0 blocks unit0..: f16 scale, 32 int8s; as 16-bit words of two elements each."""
+    """Q8_0 blocks unit0..: f16 scale, 32 int8s; as 16-bit words."""
     b = unit0 + tl.arange(0, NB)
     mask = rmask[:, None] & (b < n_units)[None, :]
-    words = (row[:, None] + b[None, :] * 34).to(tl.pointer_type(tl.int16))
-    w = tl.arange(0, 16)
-    quants = tl.load(words[:, :, None] + 1 + w[None, None, :], mask=mask[:, :, None], other=0)
-    return quants, tl.load(words, mask=mask, other=0)
+    words = (row[:, None] + b[None, :] * 34).to(tl.pointer_type(tl.uint16))
+    return _halves16(words + 1, mask), _halves16(words + 9, mask), tl.load(words, mask=mask)
 
 
 @triton.jit
-def _dot_q8_0(raw, x_ptr, norm_ptr, unit0, n_units, NB: tl.constexpr, HAS_NORM: tl.constexpr):
-    quants, scale = raw
+def _dot_q8_0(raw, x_ptr, norm_ptr, unit0, n_units, NB: tl.constexpr, X: tl.constexpr):
+    first, second, scale = raw
     b = unit0 + tl.arange(0, NB)
-    bmask = b < n_units
-    v = quants.to(tl.int32)  # sign-extended: the high byte is v >> 8
-    low = ((v & 255) ^ 128) - 128
-    index, xmask = _spread(32 * b[:, None] + 2 * tl.arange(0, 16)[None, :], bmask, v.shape)
-    even = _x(x_ptr, norm_ptr, index, xmask, HAS_NORM)
-    odd = _x(x_ptr, norm_ptr, index + 1, xmask, HAS_NORM)
-    dot = tl.sum(low.to(tl.float32) * even + (v >> 8).to(tl.float32) * odd, axis=2)
-    return _f32(scale) * dot
+    x_first, x_second, x_scale, _, _ = _x_block(
+        x_ptr, norm_ptr, 32 * b, b < n_units, scale.shape[0], X
+    )
+    dot = _dot_words(_word(first[0], first[1]), x_first)
+    dot += _dot_words(_word(second[0], second[1]), x_second)
+    return x_scale * _f32(scale) * dot.to(tl.float32)
 
 
 @triton.jit
 def _load_q4_k(row, rmask, unit0, n_units, G: tl.constexpr):
     """Q4_K super-blocks (256 elements, 144 bytes): f16 d and dmin, 12 bytes of 6-bit scales and
     mins for 8 sub-blocks, then 4 chunks of 32 bytes, chunk c's low nibbles being sub-block 2c
-    and its high nibbles 2c+1. A unit is a chunk, as 8 32-bit words, with its block's d, dmin
-    and scale bytes as 32-bit words."""
+    and its high nibbles 2c+1. A unit is a chunk, as two halves of 4 32-bit words, with its
+    block's d, dmin and scale bytes as 32-bit words."""
     c = unit0 + tl.arange(0, G)
     mask = rmask[:, None] & (c < n_units)[None, :]
     block = (row[:, None] + (c // 4)[None, :] * 144).to(tl.pointer_type(tl.int32))
-    w = tl.arange(0, 8)
-    quants = tl.load(block[:, :, None] + 4 + 8 * (c % 4)[None, :, None] + w, mask=mask[:, :, None])
+    chunk = block[:, :, None] + 4 + 8 * (c % 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+    first = tl.load(chunk, mask=mask[:, :, None], other=0)
+    second = tl.load(chunk + 4, mask=mask[:, :, None], other=0)
     header = tl.load(block, mask=mask, other=0)
     scales = tl.load(block + 1, mask=mask, other=0)
     mins = tl.load(block + 2, mask=mask, other=0)
     extra = tl.load(block + 3, mask=mask, other=0)
-    return quants, header, scales, mins, extra
+    return first, second, header, scales, mins, extra
 
 
 @triton.jit
@@ -197,30 +288,27 @@ def _k_scale_min(scales, mins, extra, sub):
 
 
 @triton.jit
-def _dot_q4_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, HAS_NORM: tl.constexpr):
+def _dot_q4_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.constexpr):
     """Byte i of a chunk's word w holds its elements 4w+i (low nibble) and 32+4w+i (high)."""
-    v, header, scales, mins, extra = raw
+    first, second, header, scales, mins, extra = raw
     c = unit0 + tl.arange(0, G)
     cmask = c < n_units
-    index, xmask = _spread(64 * c[:, None] + 4 * tl.arange(0, 8)[None, :], cmask, v.shape)
-    low_dot = tl.zeros(v.shape, dtype=tl.float32)
-    high_dot = tl.zeros(v.shape, dtype=tl.float32)
-    low_sum = tl.zeros(v.shape, dtype=tl.float32)
-    high_sum = tl.zeros(v.shape, dtype=tl.float32)
-    for i in tl.static_range(4):
-        x_low = _x(x_ptr, norm_ptr, index + i, xmask, HAS_NORM)
-        x_high = _x(x_ptr, norm_ptr, index + 32 + i, xmask, HAS_NORM)
-        low_dot += ((v >> (8 * i)) & 15).to(tl.float32) * x_low
-        high_dot += ((v >> (8 * i + 4)) & 15).to(tl.float32) * x_high
-        low_sum += x_low
-        high_sum += x_high
+    low_x = _x_block(x_ptr, norm_ptr, 64 * c, cmask, header.shape[0], X)
+    high_x = _x_block(x_ptr, norm_ptr, 64 * c + 32, cmask, header.shape[0], X)
+    low_dot = _dot_words(first & 0x0F0F0F0F, low_x[0])
+    low_dot += _dot_words(second & 0x0F0F0F0F, low_x[1])
+    high_dot = _dot_words((first >> 4) & 0x0F0F0F0F, high_x[0])
+    high_dot += _dot_words((second >> 4) & 0x0F0F0F0F, high_x[1])
     sub = 2 * (c % 4)[None, :]
     low_scale, low_min = _k_scale_min(scales, mins, extra, sub)
     high_scale, high_min = _k_scale_min(scales, mins, extra, sub + 1)
-    scaled = low_scale * tl.sum(low_dot, axis=2) + high_scale * tl.sum(high_dot, axis=2)
-    mins = low_min * tl.sum(low_sum, axis=2) + high_min * tl.sum(high_sum, axis=2)
+    low_factor, high_factor = low_x[2], high_x[2]
+    scaled = low_factor * low_scale * low_dot.to(tl.float32)
+    scaled += high_factor * high_scale * high_dot.to(tl.float32)
+    offsets = low_factor * low_min * (low_x[3] + low_x[4]).to(tl.float32)
+    offsets += high_factor * high_min * (high_x[3] + high_x[4]).to(tl.float32)
     d, dmin = _f32((header & 0xFFFF).to(tl.uint16)), _f32((header >> 16).to(tl.uint16))
-    return d * scaled - dmin * mins
+    return d * scaled - dmin * offsets
 
 
 @triton.jit
@@ -229,55 +317,53 @@ def _load_q6_k(row, rmask, unit0, n_units, G: tl.constexpr):
     high pairs (qh), 16 int8 scales (one per 16 elements), f16 d. Half h of the block uses
     ql[64h:][:64] and qh[32h:][:32]: for l < 32, ql[64h+l] holds elements 128h+l (low nibble) and
     128h+64+l (high), ql[64h+32+l] holds 128h+32+l and 128h+96+l, qh[32h+l] their high pairs.
-    A unit is (super-block, h, l // 16): 8 16-bit words of each array, 64 elements under
-    4 scales."""
+    A unit is a half: its ql and qh as 16-bit halves of words, in two halves of 4 words
+    each, its 8 scales as 4 16-bit words (one per quarter), and d."""
     c = unit0 + tl.arange(0, G)
     mask = rmask[:, None] & (c < n_units)[None, :]
-    block = row[:, None] + (c // 4)[None, :] * 210
-    half, part16 = ((c % 4) // 2)[None, :], (c % 2)[None, :]
-    w = tl.arange(0, 8)[None, None, :]
-    ql = (block + 64 * half + 16 * part16).to(tl.pointer_type(tl.uint16))[:, :, None] + w
-    qh = (block + 128 + 32 * half + 16 * part16).to(tl.pointer_type(tl.uint16))[:, :, None] + w
-    first = tl.load(ql, mask=mask[:, :, None], other=0)
-    second = tl.load(ql + 16, mask=mask[:, :, None], other=0)
-    high = tl.load(qh, mask=mask[:, :, None], other=0)
-    scales = (block + 192 + 8 * half + part16).to(tl.pointer_type(tl.int8))
-    s0 = tl.load(scales, mask=mask, other=0)
-    s1 = tl.load(scales + 2, mask=mask, other=0)
-    s2 = tl.load(scales + 4, mask=mask, other=0)
-    s3 = tl.load(scales + 6, mask=mask, other=0)
-    d = tl.load((block + 208).to(tl.pointer_type(tl.uint16)), mask=mask, other=0)
-    return first, second, high, s0, s1, s2, s3, d
+    block = (row[:, None] + (c // 2)[None, :] * 210).to(tl.pointer_type(tl.uint16))
+    half = (c % 2)[None, :]
+    ql, qh = block + 32 * half, block + 64 + 16 * half
+    quants = (
+        _halves16(ql, mask), _halves16(ql + 8, mask), _halves16(ql + 16, mask),
+        _halves16(ql + 24, mask), _halves16(qh, mask), _halves16(qh + 8, mask),
+    )  # fmt: skip
+    scales = (block + 96 + 4 * half)[:, :, None] + tl.arange(0, 4)[None, None, :]
+    scales = tl.load(scales, mask=mask[:, :, None], other=0)
+    return quants, scales, tl.load(block + 104, mask=mask, other=0)
 
 
 @triton.jit
-def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, HAS_NORM: tl.constexpr):
-    ql_first, ql_second, high, s0, s1, s2, s3, d = raw
-    ql_first, ql_second, high = ql_first.to(tl.int32), ql_second.to(tl.int32), high.to(tl.int32)
+def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.constexpr):
+    """Quarter k of a half (elements 32k..32k+31) takes the low (k < 2) or high nibbles of ql's
+    first (k even) or second 32 bytes, bits 2k of qh, and scales 2k (its first 16 elements)
+    and 2k+1."""
+    quants, scales, d = raw
+    ql_low = _word(quants[0][0], quants[0][1]), _word(quants[1][0], quants[1][1])
+    ql_high = _word(quants[2][0], quants[2][1]), _word(quants[3][0], quants[3][1])
+    qh = _word(quants[4][0], quants[4][1]), _word(quants[5][0], quants[5][1])
     c = unit0 + tl.arange(0, G)
     cmask = c < n_units
-    first = 256 * (c // 4) + 128 * ((c % 4) // 2) + 16 * (c % 2)
-    index, xmask = _spread(first[:, None] + 2 * tl.arange(0, 8)[None, :], cmask, high.shape)
-    total = tl.zeros(s0.shape, dtype=tl.float32)
+    quarter = tl.arange(0, 4)[None, None, :]
+    total = tl.zeros(d.shape, dtype=tl.float32)
     for k in tl.static_range(4):
-        source = ql_first if k % 2 == 0 else ql_second
-        scale = s0 if k == 0 else (s1 if k == 1 else (s2 if k == 2 else s3))
-        dot = tl.zeros(high.shape, dtype=tl.float32)
-        x_sum = tl.zeros(high.shape, dtype=tl.float32)
-        for p in tl.static_range(2):
-            q = ((source >> (8 * p + 4 * (k // 2))) & 15) | (((high >> (8 * p + 2 * k)) & 3) << 4)
-            xs = _x(x_ptr, norm_ptr, index + 32 * k + p, xmask, HAS_NORM)
-            dot += q.to(tl.float32) * xs
-            x_sum += xs
-        total += scale.to(tl.float32) * (tl.sum(dot, axis=2) - 32 * tl.sum(x_sum, axis=2))
+        x = _x_block(x_ptr, norm_ptr, 128 * c + 32 * k, cmask, d.shape[0], X)
+        shift = 4 * (k // 2)
+        ql = ql_low if k % 2 == 0 else ql_high
+        q_first = ((ql[0] >> shift) & 0x0F0F0F0F) | (((qh[0] >> (2 * k)) & 0x03030303) << 4)
+        q_second = ((ql[1] >> shift) & 0x0F0F0F0F) | (((qh[1] >> (2 * k)) & 0x03030303) << 4)
+        pair = tl.sum(tl.where(quarter == k, scales.to(tl.int32), 0), axis=2)
+        dot = ((pair << 24) >> 24) * (_dot_words(q_first, x[0]) - 32 * x[3])
+        dot += ((pair << 16) >> 24) * (_dot_words(q_second, x[1]) - 32 * x[4])
+        total += x[2] * dot.to(tl.float32)
     return _f32(d) * total
 
 
 @triton.constexpr_function
 def _units(qtype: int, k: int) -> int:
-    """Units in a row for a word-level reader: blocks, or K-quant super-blocks' 64-element
-    chunks."""
-    return k // (64 if qtype in (12, 14) else 32)
+    """Units in a row for a word-level reader: blocks, Q4_K super-blocks' 64-element chunks or
+    Q6_K super-blocks' 128-element halves."""
+    return k // {12: 64, 14: 128}.get(qtype, 32)
 
 
 @triton.constexpr_function
@@ -306,7 +392,7 @@ def _tail(qtype: int, k: int) -> int:
 
 @triton.constexpr_function
 def _word_level(qtype: int) -> bool:
-    return qtype in (2, 3, 6, 7, 8, 12, 14)
+    return qtype in INTEGER_DOT
 
 
 @triton.constexpr_function
@@ -336,16 +422,16 @@ def _load(row, rmask, unit0, n_units, QTYPE: tl.constexpr, UNITS: tl.constexpr):
 @triton.jit
 def _dot(
     raw, x_ptr, norm_ptr, unit0, n_units,
-    QTYPE: tl.constexpr, UNITS: tl.constexpr, HAS_NORM: tl.constexpr,
+    QTYPE: tl.constexpr, UNITS: tl.constexpr, X: tl.constexpr,
 ):  # fmt: skip
     if QTYPE == 8:
-        part = _dot_q8_0(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, HAS_NORM)
+        part = _dot_q8_0(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, X)
     elif QTYPE == 12:
-        part = _dot_q4_k(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, HAS_NORM)
+        part = _dot_q4_k(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, X)
     elif QTYPE == 14:
-        part = _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, HAS_NORM)
+        part = _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, UNITS, X)
     else:
-        part = _dot_q32(raw, x_ptr, norm_ptr, unit0, n_units, QTYPE, UNITS, HAS_NORM)
+        part = _dot_q32(raw, x_ptr, norm_ptr, unit0, n_units, QTYPE, UNITS, X)
     return part
 
 
@@ -373,22 +459,21 @@ def _prefetch(w_ptr, rows, N, K: tl.constexpr, QTYPE: tl.constexpr):
 @triton.jit
 def _dot_rows(
     prefetched, w_ptr, rows, N, x_ptr, norm_ptr,
-    K: tl.constexpr, QTYPE: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr,
+    K: tl.constexpr, QTYPE: tl.constexpr, BN: tl.constexpr, X: tl.constexpr,
 ):  # fmt: skip
-    """W[rows] @ x, with x times the norm weight but not yet divided by its rms: (BN,) float32."""
+    """W[rows] @ x, with x times the norm weight but not yet divided by its rms (X, see
+    `_x_block`): (BN,) float32."""
     first, last = prefetched
     row, rmask = _row_starts(w_ptr, rows, N, K, QTYPE)
     if _word_level(QTYPE):
         UNITS: tl.constexpr = _units(QTYPE, K)
         STEP: tl.constexpr = _step(QTYPE, K)
-        acc = tl.sum(_dot(first, x_ptr, norm_ptr, 0, UNITS, QTYPE, STEP, HAS_NORM), axis=1)
+        acc = tl.sum(_dot(first, x_ptr, norm_ptr, 0, UNITS, QTYPE, STEP, X), axis=1)
         for unit0 in tl.range(STEP, _end(QTYPE, K), STEP):
             raw = _load(row, rmask, unit0, UNITS, QTYPE, STEP)
-            acc += tl.sum(_dot(raw, x_ptr, norm_ptr, unit0, UNITS, QTYPE, STEP, HAS_NORM), axis=1)
+            acc += tl.sum(_dot(raw, x_ptr, norm_ptr, unit0, UNITS, QTYPE, STEP, X), axis=1)
         if _tail(QTYPE, K) > 0:
-            tail = _dot(
-                last, x_ptr, norm_ptr, _end(QTYPE, K), UNITS, QTYPE, _tail(QTYPE, K), HAS_NORM
-            )
+            tail = _dot(last, x_ptr, norm_ptr, _end(QTYPE, K), UNITS, QTYPE, _tail(QTYPE, K), X)
             acc += tl.sum(tail, axis=1)
     else:
         acc = tl.zeros((BN,), dtype=tl.float32)
@@ -397,7 +482,7 @@ def _dot_rows(
                 w_ptr, rows, rmask, k0, _row_bytes(QTYPE, K), K, QTYPE, BN, GENERIC_BLOCK_K
             )
             cols = k0 + tl.arange(0, GENERIC_BLOCK_K)
-            acc += tl.sum(tile * _x(x_ptr, norm_ptr, cols, cols < K, HAS_NORM)[None, :], axis=1)
+            acc += tl.sum(tile * _x(x_ptr, norm_ptr, cols, cols < K, X)[None, :], axis=1)
     return acc
 
 
@@ -425,7 +510,7 @@ def _inverse_rms(squares, K: tl.constexpr, eps, HAS_NORM: tl.constexpr):
 @triton.jit
 def _project(
     w_ptr, bias_ptr, out_ptr, N, block, x_ptr, norm_ptr, eps, residual_ptr,
-    K: tl.constexpr, QTYPE: tl.constexpr, BN: tl.constexpr, HAS_NORM: tl.constexpr,
+    K: tl.constexpr, QTYPE: tl.constexpr, BN: tl.constexpr, X: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     rows = block * BN + tl.arange(0, BN)
@@ -433,9 +518,9 @@ def _project(
     weights = _prefetch(w_ptr, rows, N, K, QTYPE)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    squares = _squares(x_ptr, K, HAS_NORM)
-    y = _dot_rows(weights, w_ptr, rows, N, x_ptr, norm_ptr, K, QTYPE, BN, HAS_NORM)
-    y *= _inverse_rms(squares, K, eps, HAS_NORM)
+    squares = _squares(x_ptr, K, X == X_NORMED)
+    y = _dot_rows(weights, w_ptr, rows, N, x_ptr, norm_ptr, K, QTYPE, BN, X)
+    y *= _inverse_rms(squares, K, eps, X == X_NORMED)
     if HAS_BIAS:
         y += tl.load(bias_ptr + rows, mask=mask, other=0.0)
     if HAS_RESIDUAL:
@@ -450,7 +535,7 @@ def _gemv_kernel(
     b_ptr, b_bias, b_out, b_rows,
     c_ptr, c_bias, c_out, c_rows,
     K: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QC: tl.constexpr,
-    MATRICES: tl.constexpr, SWIGLU: tl.constexpr, HAS_NORM: tl.constexpr,
+    MATRICES: tl.constexpr, SWIGLU: tl.constexpr, X: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """Programs 0.. cover A's rows, then B's, then C's; with SWIGLU each covers A's and B's.
@@ -465,16 +550,16 @@ def _gemv_kernel(
         up_weights = _prefetch(b_ptr, rows, b_rows, K, QB)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        squares = _squares(x_ptr, K, HAS_NORM)
-        gate = _dot_rows(gate_weights, a_ptr, rows, a_rows, x_ptr, norm_ptr, K, QA, BN, HAS_NORM)
-        up = _dot_rows(up_weights, b_ptr, rows, b_rows, x_ptr, norm_ptr, K, QB, BN, HAS_NORM)
-        scale = _inverse_rms(squares, K, eps, HAS_NORM)
+        squares = _squares(x_ptr, K, X == X_NORMED)
+        gate = _dot_rows(gate_weights, a_ptr, rows, a_rows, x_ptr, norm_ptr, K, QA, BN, X)
+        up = _dot_rows(up_weights, b_ptr, rows, b_rows, x_ptr, norm_ptr, K, QB, BN, X)
+        scale = _inverse_rms(squares, K, eps, X == X_NORMED)
         gate, up = gate * scale, up * scale
         tl.store(a_out + rows, gate * tl.sigmoid(gate) * up, mask=rows < a_rows)
     elif MATRICES == 1:
         _project(
             a_ptr, a_bias, a_out, a_rows, pid, x_ptr, norm_ptr, eps, residual_ptr,
-            K, QA, BN, HAS_NORM, HAS_BIAS, HAS_RESIDUAL, PDL,
+            K, QA, BN, X, HAS_BIAS, HAS_RESIDUAL, PDL,
         )  # fmt: skip
     else:
         a_blocks = tl.cdiv(a_rows, BN)
@@ -482,36 +567,79 @@ def _gemv_kernel(
         if pid < a_blocks:
             _project(
                 a_ptr, a_bias, a_out, a_rows, pid, x_ptr, norm_ptr, eps, residual_ptr,
-                K, QA, BN, HAS_NORM, HAS_BIAS, False, PDL,
+                K, QA, BN, X, HAS_BIAS, False, PDL,
             )  # fmt: skip
         elif pid < a_blocks + b_blocks:
             _project(
                 b_ptr, b_bias, b_out, b_rows, pid - a_blocks, x_ptr, norm_ptr, eps,
-                residual_ptr, K, QB, BN, HAS_NORM, HAS_BIAS, False, PDL,
+                residual_ptr, K, QB, BN, X, HAS_BIAS, False, PDL,
             )  # fmt: skip
         else:
             _project(
                 c_ptr, c_bias, c_out, c_rows, pid - a_blocks - b_blocks, x_ptr, norm_ptr, eps,
-                residual_ptr, K, QC, BN, HAS_NORM, HAS_BIAS, False, PDL,
+                residual_ptr, K, QC, BN, X, HAS_BIAS, False, PDL,
             )  # fmt: skip
+
+
+@triton.jit
+def _quantize_kernel(
+    x_ptr, norm_ptr, eps, out_ptr,
+    K: tl.constexpr, BLOCKS: tl.constexpr, HAS_NORM: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """x (times the RMSNorm when given) as a `QuantizedX`: per 32-element block, 12 int32s: the
+    8 words of its int8 quants, its scale (times 1/rms) and the sums of its halves' quants."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
+    mask = b < K // 32
+    squares = _squares(x_ptr, K, HAS_NORM)
+    X: tl.constexpr = X_NORMED if HAS_NORM else X_FLOAT
+    low, high, scale, sum_low, sum_high = _x_block(x_ptr, norm_ptr, 32 * b, mask, 1, X)
+    at = 12 * b
+    word = at[:, None] + tl.arange(0, 4)[None, :]
+    tl.store(out_ptr + word, tl.reshape(low, (BLOCKS, 4)), mask=mask[:, None])
+    tl.store(out_ptr + word + 4, tl.reshape(high, (BLOCKS, 4)), mask=mask[:, None])
+    scale = tl.reshape(scale, (BLOCKS,)) * _inverse_rms(squares, K, eps, HAS_NORM)
+    tl.store(out_ptr + at + 8, scale.to(tl.int32, bitcast=True), mask=mask)
+    tl.store(out_ptr + at + 9, tl.reshape(sum_low, (BLOCKS,)), mask=mask)
+    tl.store(out_ptr + at + 10, tl.reshape(sum_high, (BLOCKS,)), mask=mask)
+
+
+def quantize_x(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
+    """x (1, K) rounded once for a GEMV whose programs would otherwise each round all of it:
+    a `QuantizedX`, int32 (K / 32, 12)."""
+    k = x.numel()
+    out = torch.empty(k // 32, 12, device=x.device, dtype=torch.int32)
+    blocks = 8
+    norm_weight, eps = norm if norm is not None else (x, 0.0)
+    pdl = uses_pdl(x.device)
+    _quantize_kernel[(triton.cdiv(k // 32, blocks),)](
+        x, norm_weight, eps, out, K=k, BLOCKS=blocks, HAS_NORM=norm is not None, PDL=pdl,
+        num_warps=1, launch_pdl=pdl,
+    )  # fmt: skip
+    return out
 
 
 @dataclass(frozen=True)
 class GemvConfig:
     block_n: int  # rows per program
     num_warps: int
+    quantize_first: bool = False  # round x in a launch of its own (integer formats only)
 
 
 def gemv_config(qtype: GGMLQuantizationType, n: int, k: int, matrices: int = 1) -> GemvConfig:
     """A fixed choice per shape, never autotuned (see the module docstring), from
-    bench/tile_sweep.py's timings on the real matrices (BENCHMARKS.md)."""
+    bench/tile_sweep.py's timings on the real matrices (BENCHMARKS.md). Where x is long (an FFN's
+    down projection) or the programs are many (an output head, gate and up), rounding x in
+    each program costs more than a launch that rounds it once."""
     if n >= 65536:  # an output head
-        return GemvConfig(32, 4)
+        return GemvConfig(4, 2, quantize_first=True)
     if k >= 4096:  # long rows: an FFN's down projection
-        return GemvConfig(4, 4)
+        return GemvConfig(4, 2 if qtype == T.Q6_K else 4, quantize_first=True)
     if n >= 4096:  # an FFN's gate and up
-        return GemvConfig(8, 4)
-    return GemvConfig(32 if matrices == 3 else 16, 8)  # q, k and v; other square projections
+        return GemvConfig(2, 2, quantize_first=True)
+    return GemvConfig(16, 4 if matrices == 3 else 2)  # q, k and v; other square projections
 
 
 @functools.cache
@@ -546,12 +674,15 @@ def _launch(
         out = outputs[i] if i < len(outputs) else outputs[0]
         per_matrix += [matrix.blocks, bias, out, matrix.shape[0]]
     qtypes = [int(matrices[min(i, len(matrices) - 1)].qtype) for i in range(3)]
+    k, mode = x.numel(), X_NORMED if norm is not None else X_FLOAT
+    if config.quantize_first and all(m.qtype in INTEGER_DOT for m in matrices):
+        x, norm, mode = quantize_x(x, norm), None, X_QUANTIZED
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     pdl = uses_pdl(x.device)
     _gemv_kernel[(programs,)](
-        x, norm_weight, eps, residual if residual is not None else x, *per_matrix,
-        K=x.numel(), QA=qtypes[0], QB=qtypes[1], QC=qtypes[2],
-        MATRICES=len(matrices), SWIGLU=swiglu, HAS_NORM=norm is not None,
+        x, norm_weight, eps, residual if residual is not None else outputs[0], *per_matrix,
+        K=k, QA=qtypes[0], QB=qtypes[1], QC=qtypes[2],
+        MATRICES=len(matrices), SWIGLU=swiglu, X=mode,
         HAS_BIAS=any(b is not None for b in biases), HAS_RESIDUAL=residual is not None,
         BN=config.block_n, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
     )  # fmt: skip
