@@ -328,8 +328,11 @@ def _load_q6_k(row, rmask, unit0, n_units, G: tl.constexpr):
         _halves16(ql, mask), _halves16(ql + 8, mask), _halves16(ql + 16, mask),
         _halves16(ql + 24, mask), _halves16(qh, mask), _halves16(qh + 8, mask),
     )  # fmt: skip
-    scales = (block + 96 + 4 * half)[:, :, None] + tl.arange(0, 4)[None, None, :]
-    scales = tl.load(scales, mask=mask[:, :, None], other=0)
+    scales = block + 96 + 4 * half
+    scales = (
+        tl.load(scales, mask=mask, other=0), tl.load(scales + 1, mask=mask, other=0),
+        tl.load(scales + 2, mask=mask, other=0), tl.load(scales + 3, mask=mask, other=0),
+    )  # fmt: skip
     return quants, scales, tl.load(block + 104, mask=mask, other=0)
 
 
@@ -344,7 +347,6 @@ def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.const
     qh = _word(quants[4][0], quants[4][1]), _word(quants[5][0], quants[5][1])
     c = unit0 + tl.arange(0, G)
     cmask = c < n_units
-    quarter = tl.arange(0, 4)[None, None, :]
     total = tl.zeros(d.shape, dtype=tl.float32)
     for k in tl.static_range(4):
         x = _x_block(x_ptr, norm_ptr, 128 * c + 32 * k, cmask, d.shape[0], X)
@@ -352,7 +354,7 @@ def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.const
         ql = ql_low if k % 2 == 0 else ql_high
         q_first = ((ql[0] >> shift) & 0x0F0F0F0F) | (((qh[0] >> (2 * k)) & 0x03030303) << 4)
         q_second = ((ql[1] >> shift) & 0x0F0F0F0F) | (((qh[1] >> (2 * k)) & 0x03030303) << 4)
-        pair = tl.sum(tl.where(quarter == k, scales.to(tl.int32), 0), axis=2)
+        pair = scales[k].to(tl.int32)
         dot = ((pair << 24) >> 24) * (_dot_words(q_first, x[0]) - 32 * x[3])
         dot += ((pair << 16) >> 24) * (_dot_words(q_second, x[1]) - 32 * x[4])
         total += x[2] * dot.to(tl.float32)
@@ -482,7 +484,9 @@ def _dot_rows(
                 w_ptr, rows, rmask, k0, _row_bytes(QTYPE, K), K, QTYPE, BN, GENERIC_BLOCK_K
             )
             cols = k0 + tl.arange(0, GENERIC_BLOCK_K)
-            acc += tl.sum(tile * _x(x_ptr, norm_ptr, cols, cols < K, X)[None, :], axis=1)
+            acc += tl.sum(
+                tile * _x(x_ptr, norm_ptr, cols, cols < K, X == X_NORMED)[None, :], axis=1
+            )
     return acc
 
 
