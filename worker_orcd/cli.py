@@ -91,6 +91,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    from worker_orcd.server.connections import HttpLimits
     from worker_orcd.server.main import ServeOptions, serve
 
     options = ServeOptions(
@@ -102,6 +103,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         callback_url=args.callback_url,
         ctx_size=args.ctx_size,
+        shutdown_timeout=args.shutdown_timeout,
+        limits=HttpLimits(read_timeout=args.http_timeout, max_connections=args.max_connections),
     )
     raise SystemExit(serve(options))
 
@@ -208,6 +211,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
     )
     serve.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    serve.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=4.0,
+        help="seconds running jobs get to finish after SIGTERM or /shutdown (default %(default)s)",
+    )
+    serve.add_argument(
+        "--http-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a client gets for a request's headers and each part of its body "
+        "(default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open HTTP connections; the next one gets 503 (default %(default)s)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     bench = commands.add_parser("bench", help="prefill and decode speed, like llama-bench")

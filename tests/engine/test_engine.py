@@ -97,7 +97,7 @@ def test_a_failing_generation_ends_its_job_and_the_next_one_succeeds(
     assert isinstance(after[-1], Finished)
 
 
-def test_shutdown_cancels_queued_jobs_and_refuses_new_ones(llm: LLM):
+def test_shutdown_ends_queued_jobs_and_refuses_new_ones(llm: LLM):
     engine = Engine(llm)
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
@@ -112,5 +112,21 @@ def test_shutdown_cancels_queued_jobs_and_refuses_new_ones(llm: LLM):
 
     running, queued = run(scenario())
     assert isinstance(running[-1], Finished)  # the running job was allowed to finish
-    assert [type(e) for e in queued] == [Started, Failed]
-    assert queued[-1].code == "CANCELLED" and "shutting down" in queued[-1].message
+    # A job that never started gets its terminal event alone, retriable elsewhere.
+    assert queued == [Failed("SHUTTING_DOWN", "the worker is shutting down", retriable=True)]
+
+
+def test_shutdown_deadline_ends_the_running_job_with_its_terminal_event(llm: LLM):
+    engine = Engine(llm)
+    endless = SamplingParams(temperature=0.0, max_tokens=10_000, ignore_eos=True)
+
+    async def scenario():
+        running = engine.submit("running", llm.tokenizer.encode("Count:"), endless)
+        first = await running.events().__anext__()
+        await asyncio.to_thread(engine.shutdown, 0.2)
+        return [first, *[e async for e in running.events()]]
+
+    events = run(scenario())
+    assert isinstance(events[0], Started)
+    assert [type(e) for e in events[1:-1]] == [Token] * (len(events) - 2)
+    assert events[-1].code == "SHUTTING_DOWN" and events[-1].retriable

@@ -107,12 +107,16 @@ def execute(url: str, headers: dict[str, str] | None = None, **body: Any) -> Str
 
 
 def check_protocol(stream: Stream, job_id: str | None = None) -> None:
-    """started -> token* (i = 0, 1, ...) -> [metrics] -> exactly one end | error, nothing after."""
+    """started -> token* (i = 0, 1, ...) -> [metrics] -> exactly one end | error, nothing after;
+    or, for a job that ended before it ran, its one error alone."""
     assert stream.status == 200, stream.raw
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert stream.frames, "no frames"
     for frame in stream.frames:
         assert frame.data["type"] == frame.event
+    if stream.events == ["error"]:
+        check_error(stream.terminal.data)
+        return
     started = stream.frames[0]
     assert started.event == "started", stream.events
     assert {"job_id", "model", "started_at", "seed"} <= started.data.keys()
@@ -136,9 +140,12 @@ def check_protocol(stream: Stream, job_id: str | None = None) -> None:
         assert isinstance(end["stop_reason"], str)
         assert ("stop_sequence_matched" in end) == (end["stop_reason"] == "stop_sequence")
     else:
-        error = terminal.data
-        assert isinstance(error["code"], str) and isinstance(error["message"], str)
-        assert isinstance(error["retriable"], bool)
+        check_error(terminal.data)
+
+
+def check_error(error: dict[str, Any]) -> None:
+    assert isinstance(error["code"], str) and isinstance(error["message"], str)
+    assert isinstance(error["retriable"], bool)
 
 
 class StreamReader(threading.Thread):

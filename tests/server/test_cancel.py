@@ -70,7 +70,7 @@ def test_cancelling_a_queued_job_ends_its_stream_at_once(server: RunningServer):
         waited = time.perf_counter() - answered
         assert running.is_alive()  # it ended while the job ahead of it still ran
     check_protocol(stream, queued_id)
-    assert stream.events == ["started", "error"]
+    assert stream.events == ["error"]  # it never started
     assert_cancelled(stream.terminal.data)
     assert waited < CANCEL_BOUND_SECONDS
 
@@ -111,3 +111,49 @@ def wait_for_log(server: RunningServer, job_id: str, event: str, timeout: float)
             return found[0]
         time.sleep(0.02)
     raise AssertionError(f"no {event} logged for {job_id} within {timeout} s")
+
+
+# About 6,000 tokens: its whole prefill takes about a minute on a 2-core CPU, one 512-token chunk
+# a few seconds.
+LONG_PROMPT = " ".join(f"w{n % 97}" for n in range(2000))
+PREFILL_CHUNK_BOUND_SECONDS = 20.0
+
+
+def test_a_cancel_during_a_long_prefill_ends_the_job_within_a_chunk(server: RunningServer):
+    long_id = new_job_id("long-prompt")
+    reader = StreamReader(server.url, {"job_id": long_id, "prompt": LONG_PROMPT, "max_tokens": 1})
+    reader.start()
+    reader.wait_for("started")
+    behind = StreamReader(server.url, counting(new_job_id("behind"), max_tokens=2))
+    behind.start()
+    assert behind.responded.wait(30)
+    time.sleep(1.0)  # well into the prefill
+    sent = time.monotonic()
+    assert cancel(server.url, long_id).json()["cancelled"] is True
+    stream = reader.result(timeout=120)
+    check_protocol(stream, long_id)
+    assert stream.events == ["started", "error"]
+    assert_cancelled(stream.terminal.data)
+    took = stream.terminal.at - sent
+    print(f"\nlong prefill: cancelled {took:.2f} s after /cancel")
+    assert took < PREFILL_CHUNK_BOUND_SECONDS
+    after = behind.result(timeout=60)  # the queue moved on
+    check_protocol(after)
+    assert after.terminal.event == "end"
+
+
+def test_a_client_that_leaves_during_a_long_prefill_frees_the_worker(server: RunningServer):
+    job_id = new_job_id("long-leaver")
+    body = {"job_id": job_id, "prompt": LONG_PROMPT, "max_tokens": 1}
+    with (
+        httpx.Client(timeout=TIMEOUT) as client,
+        client.stream("POST", f"{server.url}/execute", json=body) as response,
+    ):
+        next(iter_frames(response.iter_bytes()))  # started
+        time.sleep(1.0)
+    left = time.time()
+    ended = wait_for_log(server, job_id, "execute_end", timeout=60)
+    delay = datetime.fromisoformat(ended["timestamp"]).timestamp() - left
+    print(f"\nlong prefill: ended {delay:.2f} s after the client left")
+    assert ended["outcome"] == "CANCELLED"
+    assert delay < PREFILL_CHUNK_BOUND_SECONDS

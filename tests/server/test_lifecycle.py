@@ -52,10 +52,11 @@ def missing(tmp_path: Path, _model: Path) -> Path:
 
 
 def failed_startup(server: RunningServer) -> tuple[int, list[str]]:
-    """The exit code and the log's lines that are not JSON narration."""
+    """The exit code and the lines printed for people (stdout); stderr holds narration only,
+    ending with the failure's `error` event."""
     code = server.process.wait(EXIT_SECONDS)
-    lines = server.log_path.read_text().splitlines()
-    return code, [line for line in lines if not line.startswith("{")]
+    assert server.logs()[-1]["event"] == "error"
+    return code, server.output()
 
 
 @pytest.mark.parametrize("make_model", [bad_magic, truncated, missing])
@@ -129,18 +130,24 @@ def callbacks() -> Iterator[Callbacks]:
     receiver.server_close()
 
 
-def refused(url: str, timeout: float = 10) -> bool:
-    """Whether new connections get refused within `timeout` seconds."""
+def draining(url: str, timeout: float = 10) -> httpx.Response:
+    """The answer to a new job once the worker has begun to drain (it keeps its socket)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            httpx.get(f"{url}/health", timeout=1)
-        except httpx.ConnectError:
-            return True
-        except httpx.TransportError:
-            pass
+        if httpx.get(f"{url}/health", timeout=5).json()["status"] == "draining":
+            return httpx.post(f"{url}/execute", json=counting(new_job_id("late")), timeout=5)
         time.sleep(0.05)
-    return False
+    raise AssertionError(f"not draining within {timeout} s")
+
+
+def check_refused_while_draining(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.json() == {
+        "code": "SHUTTING_DOWN",
+        "message": "the worker is shutting down",
+        "retriable": True,
+    }
+    assert int(response.headers["retry-after"]) > 0
 
 
 def test_ready_callback_then_sigterm_drains_and_exits_0(
@@ -154,6 +161,8 @@ def test_ready_callback_then_sigterm_drains_and_exits_0(
         worker_id,
         "--callback-url",
         callbacks.url,
+        "--shutdown-timeout",
+        "120",  # the running job is let finish
     )
     try:
         assert callbacks.received.wait(30), "no ready callback"
@@ -173,11 +182,15 @@ def test_ready_callback_then_sigterm_drains_and_exits_0(
         assert queued.responded.wait(30)
         server.process.send_signal(signal.SIGTERM)
 
-        assert refused(server.url)
+        check_refused_while_draining(draining(server.url))
         queued_stream = queued.result(timeout=10)
-        assert queued_stream.events == ["started", "error"]
-        error = queued_stream.terminal.data
-        assert error["code"] == "CANCELLED" and "shutting down" in error["message"]
+        assert queued_stream.events == ["error"]  # it never started
+        assert queued_stream.terminal.data == {
+            "type": "error",
+            "code": "SHUTTING_DOWN",
+            "message": "the worker is shutting down",
+            "retriable": True,
+        }
         running_stream = running.result(timeout=EXIT_SECONDS)
         check_protocol(running_stream)
         assert running_stream.terminal.event == "end"  # the running job was let finish
@@ -188,3 +201,43 @@ def test_ready_callback_then_sigterm_drains_and_exits_0(
     events = [line["event"] for line in server.logs()]
     assert events.index("ready") < events.index("ready_callback") < events.index("shutdown")
     assert events[-1] == "shutdown_complete"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "POST /shutdown"])
+def test_a_job_past_the_shutdown_deadline_still_gets_its_one_terminal_event(
+    start_server: StartServer, tmp_path: Path, smollm2_path: Path, how: str
+):
+    deadline = 1.0
+    server = start_server(
+        smollm2_path, tmp_path / "worker.log", "--shutdown-timeout", str(deadline)
+    )
+    try:
+        running = StreamReader(server.url, counting(new_job_id("endless")))
+        running.start()
+        running.wait_for("token")
+        began = time.monotonic()
+        if how == "SIGTERM":
+            server.process.send_signal(signal.SIGTERM)
+        else:
+            answer = httpx.post(f"{server.url}/shutdown", timeout=10)
+            assert (answer.status_code, answer.json()) == (202, {"status": "draining"})
+        check_refused_while_draining(draining(server.url))
+        stream = running.result(timeout=EXIT_SECONDS)
+        ended = time.monotonic() - began
+        assert server.process.wait(EXIT_SECONDS) == 0
+    finally:
+        server.stop()
+    check_protocol(stream)
+    assert stream.events.count("error") == 1 and stream.terminal.event == "error"
+    assert stream.terminal.data == {
+        "type": "error",
+        "code": "SHUTTING_DOWN",
+        "message": "the worker shut down before the job finished",
+        "retriable": True,
+    }
+    print(f"\n{how}: the job ended {ended:.2f} s after the drain began (deadline {deadline} s)")
+    assert ended >= deadline
+    lines = server.logs()  # every stderr line parses as JSON
+    shutdown = next(line for line in lines if line["event"] == "shutdown")
+    assert shutdown["cause"] == how and shutdown["timeout_seconds"] == deadline
+    assert lines[-1] == {**lines[-1], "event": "shutdown_complete", "exit_code": 0}

@@ -48,6 +48,14 @@ class Failed:
 
 Event = Started | Token | Finished | Failed
 
+# How a job that did not run to its end finishes: by whom, and whether a retry can succeed.
+CANCELLED = Failed("CANCELLED", "cancelled by request", retriable=False)
+CLIENT_LEFT = Failed("CANCELLED", "the client went away", retriable=False)
+SHUTTING_DOWN = Failed("SHUTTING_DOWN", "the worker is shutting down", retriable=True)
+SHUTDOWN_DEADLINE = Failed(
+    "SHUTTING_DOWN", "the worker shut down before the job finished", retriable=True
+)
+
 
 class JobRejected(Exception):
     """A job the engine will not accept; nothing was queued."""
@@ -76,10 +84,10 @@ class Job:
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._cancelled = threading.Event()
         self._generation: Generation | None = None
-        self._cancel_reason = "cancelled by request"
+        self._ending = CANCELLED  # the terminal event of a cancelled generation
 
-    def cancel(self, reason: str = "cancelled by request") -> None:
-        self._cancel_reason = reason
+    def cancel(self, ending: Failed = CANCELLED) -> None:
+        self._ending = ending
         self._cancelled.set()
         if self._generation is not None:
             self._generation.cancel()
@@ -148,34 +156,42 @@ class Engine:
             job = self._jobs.get(job_id)
         if job is None:
             return False
-        self.abort(job, "cancelled by request")
+        self.abort(job, CANCELLED)
         return True
 
-    def abort(self, job: Job, reason: str = "the client went away") -> None:
+    def abort(self, job: Job, ending: Failed = CLIENT_LEFT) -> None:
         """Like `cancel`, for a caller that holds the job itself (its id may be reused later)."""
-        if not self._end_if_queued(job, reason):
-            job.cancel(reason)
+        if not self._end_if_queued(job, ending):
+            job.cancel(ending)
 
-    def shutdown(self) -> None:
-        """Refuse new jobs, end the queued ones, let the running one finish, stop the thread."""
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Refuse new jobs and end the queued ones now; give the running job `timeout` seconds
+        (None: as long as it takes) to finish, then end it within a model step; stop the thread.
+
+        A second call with a shorter timeout (a second signal, say) cuts the first one's wait."""
         with self._lock:
             self._accepting = False
             jobs = list(self._jobs.values())
         for job in jobs:
-            self._end_if_queued(job, "the worker is shutting down")
+            self._end_if_queued(job, SHUTTING_DOWN)
         self._queue.put(None)
-        self._thread.join()
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._lock:
+                running = list(self._jobs.values())
+            for job in running:
+                job.cancel(SHUTDOWN_DEADLINE)
+            self._thread.join()
 
-    def _end_if_queued(self, job: Job, reason: str) -> bool:
-        """End a job that has not started yet now (`started`, then `error` CANCELLED), rather
-        than when the jobs ahead of it are done; the engine thread then skips it."""
+    def _end_if_queued(self, job: Job, ending: Failed) -> bool:
+        """End a job that has not started yet now, with `ending` alone (it never started),
+        rather than when the jobs ahead of it are done; the engine thread then skips it."""
         with self._lock:
             if job._taken:
                 return False
             job._taken = True
         job.done = True
-        self._send(job, Started(job.params.seed, len(job.prompt_ids)))
-        self._send(job, Failed("CANCELLED", reason, retriable=False))
+        self._send(job, ending)
         return True
 
     def _run(self) -> None:
@@ -211,7 +227,7 @@ class Engine:
         result = generation.result
         assert result is not None
         if result.stop_reason == "cancelled":
-            self._send(job, Failed("CANCELLED", job._cancel_reason, retriable=False))
+            self._send(job, job._ending)
         else:
             self._send(job, Finished(result))
 

@@ -1,11 +1,11 @@
 """One loaded model and its single-sequence generation loop.
 
-The loop is prefill once, then decode one token at a time; every token goes through the sampler
-with the request's own seeded generator, then through the streaming detokenizer and the stop
-matcher, so what reaches the caller is whole characters that are never part of a stop string.
-The sampler runs on the device, and each decode step is queued behind the token it reads before
-the host sees that token (as vLLM's asynchronous scheduling does): the host's work per token
-overlaps the GPU's, and a step queued past a stop is discarded.
+The loop is prefill, chunk by chunk, then decode one token at a time; every token goes through
+the sampler with the request's own seeded generator, then through the streaming detokenizer and
+the stop matcher, so what reaches the caller is whole characters that are never part of a stop
+string. The sampler runs on the device, and each decode step is queued behind the token it
+reads before the host sees that token (as vLLM's asynchronous scheduling does): the host's work
+per token overlaps the GPU's, and a step queued past a stop is discarded.
 """
 
 from __future__ import annotations
@@ -149,8 +149,9 @@ class _Drawn:
 class Generation:
     """Iterate for the text chunks as they are decided; `result` is set once iteration ends.
 
-    `cancel()` may be called from any thread: the loop checks it before every model step, so a
-    cancelled generation ends within one step with stop reason "cancelled".
+    `cancel()` may be called from any thread: the loop checks it before every model step (a
+    decode step or a chunk of the prompt), so a cancelled generation ends within one step with
+    stop reason "cancelled".
     """
 
     def __init__(self, llm: LLM, prompt_ids: list[int], params: SamplingParams):
@@ -193,7 +194,8 @@ class Generation:
             return _Drawn(token)
 
         with torch.inference_mode():
-            drawn = None if self._cancelled.is_set() else draw(llm.runner.prefill(self.prompt_ids))
+            logits = llm.runner.prefill(self.prompt_ids, self._cancelled.is_set)
+            drawn = None if logits is None else draw(logits)
             while True:
                 if self._cancelled.is_set():
                     stop_reason = "cancelled"

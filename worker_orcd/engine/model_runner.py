@@ -2,12 +2,12 @@
 
 On CUDA both phases replay CUDA graphs, because a batch-1 forward is hundreds of small launches
 and the host cannot issue them as fast as the GPU runs them. Decode is captured once. Prefill is
-captured per length bucket (16, 32, ..., 512 tokens): the prompt is padded to its bucket, and
-the padding sits after the real tokens, so causal attention keeps it out of their results. Its
-KV entries lie past the prompt, where each decode step writes before it reads. Longer prompts
-run eagerly. Graphs read tokens and positions from static device buffers, and attention reads
-the decode position from device memory. All graphs share one memory pool; they never run at the
-same time. On the CPU every step runs eagerly.
+captured per length bucket (16, 32, ..., 512 tokens): a prompt's first chunk is padded to its
+bucket, and the padding sits after the real tokens, so causal attention keeps it out of their
+results. Its KV entries lie past the chunk, where the next chunk or decode step writes before it
+reads. Later chunks of a longer prompt run eagerly. Graphs read tokens and positions from static
+device buffers, and attention reads the decode position from device memory. All graphs share one
+memory pool; they never run at the same time. On the CPU every step runs eagerly.
 """
 
 from __future__ import annotations
@@ -18,6 +18,9 @@ import torch
 from torch import nn
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Prompts are prefilled in chunks of at most this many tokens: a cancel lands between two chunks,
+# and activations stay bounded whatever the prompt's length.
+PREFILL_CHUNK = PREFILL_BUCKETS[-1]
 
 
 class ModelRunner:
@@ -34,14 +37,27 @@ class ModelRunner:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # tokens: graph
         self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
 
+    def prefill(
+        self, ids: list[int], cancelled: Callable[[], bool] = lambda: False
+    ) -> torch.Tensor | None:
+        """Logits (vocab,) after the prompt `ids`, cached from position 0, run `PREFILL_CHUNK`
+        tokens at a time; None when `cancelled()` turns true between two chunks."""
+        logits = None
+        for start in range(0, len(ids), PREFILL_CHUNK):
+            if cancelled():
+                return None
+            logits = self.prefill_chunk(ids[start : start + PREFILL_CHUNK], start)
+        return logits
+
     @torch.inference_mode()
-    def prefill(self, ids: list[int]) -> torch.Tensor:
-        """Logits (vocab,) after the prompt `ids`, cached from position 0."""
+    def prefill_chunk(self, ids: list[int], start: int) -> torch.Tensor:
+        """Logits (vocab,) after `ids`, cached at positions `start`, `start + 1`, ...; the
+        positions before `start` must hold the earlier chunks of the same prompt."""
         bucket = next((b for b in PREFILL_BUCKETS if b >= len(ids)), None)
-        if self.device.type != "cuda" or bucket is None or bucket > self.max_positions:
+        if self.device.type != "cuda" or start or bucket is None or bucket > self.max_positions:
             tokens = torch.tensor(ids, device=self.device)
-            positions = torch.arange(len(ids), device=self.device)
-            return self._logits(tokens, positions)
+            positions = torch.arange(start, start + len(ids), device=self.device)
+            return self._logits(tokens, positions, start)
         self._prefill_ids[: len(ids)].copy_(torch.tensor(ids))
         self._last.fill_(len(ids) - 1)  # before a capture too: its warm-up runs index with it
         if bucket not in self._graphs:

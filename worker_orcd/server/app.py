@@ -1,12 +1,14 @@
-"""The M0 HTTP API (spec sections 1-3): `/execute` (SSE), `/health`, `/cancel`, OpenAI `/v1`."""
+"""The M0 HTTP API (spec sections 1-3): `/execute` (SSE), `/health`, `/cancel`, `/shutdown`, and
+OpenAI's `/v1`."""
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,11 +16,22 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from worker_orcd import __version__
 from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.server import openai_api
+from worker_orcd.server.body import BodyError, JSONRoute
+from worker_orcd.server.connections import HttpLimits
+from worker_orcd.server.errors import (
+    M0_BODY_ERRORS,
+    M0_ERRORS,
+    ApiError,
+    error_response,
+    is_openai,
+    m0_error,
+)
 from worker_orcd.server.middleware import WorkerMiddleware
 from worker_orcd.server.narration import Narrator, prompt_digest
 from worker_orcd.server.schemas import (
@@ -48,11 +61,13 @@ class Worker:
     vram_bytes_used: int
     started: float  # time.monotonic() at startup
     healthy: bool = True
+    draining: bool = False  # shutting down: no new jobs, running ones finish
+    shutdown: Callable[[], None] = lambda: None  # begins the drain; `serve` sets it
 
     def health(self) -> dict[str, Any]:
         llm = self.engine.llm
         return {
-            "status": "healthy" if self.healthy else "unhealthy",
+            "status": "draining" if self.draining else "healthy" if self.healthy else "unhealthy",
             "model": self.model_name,
             "resident": self.resident,
             "quant_kind": self.quant_kind,
@@ -115,30 +130,51 @@ async def execute_events(worker: Worker, job: Job) -> AsyncIterator[dict[str, st
             worker.engine.abort(job)
 
 
-def create_app(worker: Worker) -> FastAPI:
+def create_app(worker: Worker, limits: HttpLimits | None = None) -> FastAPI:
     app = FastAPI(
         title="worker-orcd",
         version=__version__,
         summary="Inference worker for one GGUF model: SSE streaming, seeded sampling.",
     )
-    app.add_middleware(WorkerMiddleware)
+    app.router.route_class = JSONRoute
+    app.add_middleware(WorkerMiddleware, limits=limits or HttpLimits())
     app.state.worker = worker
 
     @app.exception_handler(RequestValidationError)
     async def validation_failed(request: Request, error: RequestValidationError) -> JSONResponse:
-        if request.url.path.startswith("/v1/"):
+        if is_openai(request.url.path):
             return openai_api.invalid_request(error.errors())
         return invalid(*field_errors(list(error.errors())))
+
+    @app.exception_handler(BodyError)
+    async def body_refused(request: Request, error: BodyError) -> JSONResponse:
+        if is_openai(request.url.path):
+            param = None if error.field == "body" else error.field
+            return ApiError(400, error.message, param).response()
+        field = FieldError(field=error.field, constraint=error.constraint, message=error.message)
+        return invalid(field)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        """An unknown path or method, in the shape of the endpoints under that path."""
+        code = HTTPStatus(error.status_code).name
+        response = error_response(request.url.path, error.status_code, code, str(error.detail))
+        response.headers.update(error.headers or {})
+        return response
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, error: Exception) -> JSONResponse:
+        """A bug's answer; Starlette then re-raises, and the server logs the traceback."""
+        message = f"internal error (correlation id {request.state.correlation_id})"
+        return error_response(request.url.path, 500, "INTERNAL", message)
 
     @app.post(
         "/execute",
         response_class=EventSourceResponse,
         responses={
+            **M0_BODY_ERRORS,
             200: {"description": "SSE: started, token*, metrics, then end or error"},
-            400: {"model": ValidationErrorBody},
             409: {"model": ErrorBody, "description": "the job_id is already queued or running"},
-            413: {"model": ErrorBody},
-            503: {"model": ErrorBody, "description": "the worker is shutting down"},
         },
     )
     async def execute(body: ExecuteRequest, request: Request):
@@ -189,21 +225,40 @@ def create_app(worker: Worker) -> FastAPI:
         try:
             job = worker.engine.submit(body.job_id, prompt_ids, params, context)
         except JobRejected as rejected:
-            return JSONResponse(
-                ErrorBody(code=rejected.code, message=str(rejected)).model_dump(),
-                REJECTION_STATUS[rejected.code],
-            )
+            status = REJECTION_STATUS[rejected.code]
+            return m0_error(status, rejected.code, str(rejected), retriable=status == 503)
         return event_stream(worker.engine, job, execute_events(worker, job))
 
-    @app.get("/health")
+    @app.get("/health", responses=M0_ERRORS)
     async def health() -> dict[str, Any]:
         """The worker's state, from cached values only (no GPU calls)."""
         return worker.health()
 
-    @app.post("/cancel", status_code=202)
+    @app.post("/cancel", status_code=202, responses=M0_BODY_ERRORS)
     async def cancel(body: CancelRequest) -> dict[str, Any]:
         """Idempotent: the job's stream ends with `error` CANCELLED; unknown ids are accepted."""
         return {"job_id": body.job_id, "cancelled": worker.engine.cancel(body.job_id)}
 
+    @app.post("/shutdown", status_code=202, responses=M0_ERRORS)
+    async def shutdown() -> dict[str, Any]:
+        """Drain, as SIGTERM does (M0-W-1340): new jobs get 503, running ones finish within the
+        shutdown deadline, then the process exits 0."""
+        worker.shutdown()
+        return {"status": "draining"}
+
     app.include_router(openai_api.router(worker))
+    served_description = app.openapi
+
+    def description() -> dict[str, Any]:
+        """FastAPI's, less the 422 it gives every route with a body: this worker answers an
+        invalid body with 400, documented per route."""
+        if app.openapi_schema is None:
+            for operations in served_description()["paths"].values():
+                for operation in operations.values():
+                    operation["responses"].pop("422", None)
+            for unused in ("HTTPValidationError", "ValidationError"):
+                app.openapi_schema["components"]["schemas"].pop(unused, None)
+        return app.openapi_schema
+
+    app.openapi = description  # type: ignore[method-assign]
     return app

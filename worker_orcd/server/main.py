@@ -1,9 +1,13 @@
 """`worker-orcd serve`: startup in the spec's order (M0-W-1110), then HTTP until a signal.
 
 1. the device (CUDA init failed -> exit 1), 2. the model (load failed -> exit 1, one line naming
-the code, the file and the reason), 3. the HTTP socket, 4. ready (log and optional callback).
-SIGTERM/SIGINT: new jobs are refused, queued ones end with `error` CANCELLED, the running one
-finishes with its terminal event, then the process exits 0.
+the code, the file and the reason on stdout; stderr carries narration only), 3. the HTTP socket,
+4. ready (log and optional callback).
+
+SIGTERM, SIGINT or `POST /shutdown` drain the worker: the socket stays open and new jobs get 503
+SHUTTING_DOWN, queued ones end with that error, the running one has `shutdown_timeout` seconds to
+finish before it ends with it too, and once every stream has its terminal event the process
+exits 0. A second signal ends the running job at once.
 """
 
 from __future__ import annotations
@@ -12,12 +16,11 @@ import contextlib
 import json
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import uvicorn
@@ -31,10 +34,12 @@ from worker_orcd.engine.memory import InsufficientVram, resident, vram_bytes_use
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.server.app import Worker, create_app
-from worker_orcd.server.narration import Narrator
+from worker_orcd.server.connections import GuardedProtocol, HttpLimits
+from worker_orcd.server.narration import Narrator, capture_stderr
 from worker_orcd.tokenizer import TokenizerError
 
-GRACEFUL_SHUTDOWN_SECONDS = 30
+SHUTDOWN_TIMEOUT_SECONDS = 4.0  # M0-W-1630: jobs finish within 4 s of a 5 s budget
+STREAM_FLUSH_SECONDS = 2.0  # after the drain, for the last events to reach their clients
 LOAD_ERRORS = (
     GGUFError,
     UnsupportedArchitectureError,
@@ -55,6 +60,8 @@ class ServeOptions:
     device: str = "auto"
     callback_url: str | None = None
     ctx_size: int = DEFAULT_MAX_CONTEXT
+    shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
+    limits: HttpLimits = field(default_factory=HttpLimits)
     residency_interval: float = 60.0  # seconds between residency checks (M0-W-1012)
 
 
@@ -117,13 +124,16 @@ def watch_residency(
 
 
 class WorkerServer(uvicorn.Server):
-    """uvicorn, plus the worker's ready step after binding and its drain on the first signal."""
+    """uvicorn, plus the worker's ready step after binding, and its drain in place of uvicorn's
+    shutdown on a signal: uvicorn would close the socket at once, refusing connections that
+    should get a 503, and cut streams whose jobs are still running."""
 
     def __init__(self, config: uvicorn.Config, worker: Worker, options: ServeOptions):
         super().__init__(config)
         self.worker = worker
         self.options = options
         self.exit_code = 0
+        worker.shutdown = lambda: self.drain("POST /shutdown")
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -150,10 +160,23 @@ class WorkerServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: object) -> None:
-        if not self.should_exit:
-            self.worker.narrate("shutdown", signal=sig)
-            threading.Thread(target=self.worker.engine.shutdown, daemon=True).start()
-        super().handle_exit(sig, frame)
+        self.drain(signal.Signals(sig).name)
+
+    def drain(self, cause: str) -> None:
+        """Stop admitting jobs and let the running ones finish within the deadline, then stop
+        serving; called again, end the running ones now."""
+        engine = self.worker.engine
+        if self.worker.draining:
+            threading.Thread(target=engine.shutdown, args=(0,), daemon=True).start()
+            return
+        self.worker.draining = True
+        self.worker.narrate("shutdown", cause=cause, timeout_seconds=self.options.shutdown_timeout)
+
+        def drained() -> None:
+            engine.shutdown(self.options.shutdown_timeout)
+            self.should_exit = True  # uvicorn's main loop sees it within 0.1 s
+
+        threading.Thread(target=drained, daemon=True).start()
 
     def _callback(self, uri: str) -> None:
         body = {
@@ -173,18 +196,20 @@ class WorkerServer(uvicorn.Server):
         except OSError as error:
             self.worker.narrate("error", level="ERROR", code="CALLBACK_FAILED", message=str(error))
             self.exit_code = 1
-            self.handle_exit(0, None)
+            self.drain("the ready callback failed")
 
 
 def fail(narrate: Narrator, code: str, line: str) -> int:
+    """The startup failure as narration, and as the spec's one line for people, on stdout."""
     narrate("error", level="ERROR", code=code, message=line)
-    print(line, file=sys.stderr, flush=True)
+    print(line, flush=True)
     return 1
 
 
 def serve(options: ServeOptions) -> int:
     gpu = options.gpu_device if options.device != "cpu" else None
     narrate = Narrator(options.worker_id, options.model, gpu)
+    capture_stderr(narrate)
     narrate("startup", host=options.host, port=options.port, device=options.device)
     try:
         device = resolve_device(options.device, options.gpu_device)
@@ -234,11 +259,14 @@ def serve(options: ServeOptions) -> int:
         return fail(
             narrate, "BIND_FAILED", f"HTTP bind failed: {options.host}:{options.port}: {error}"
         )
+    limits = options.limits
     config = uvicorn.Config(
-        create_app(worker),
+        create_app(worker, limits),
+        http=GuardedProtocol.factory(limits),
         log_config=None,
         access_log=False,
-        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        timeout_keep_alive=limits.keep_alive_timeout,
+        timeout_graceful_shutdown=STREAM_FLUSH_SECONDS,
     )
     # sse-starlette cancels every open stream at the first signal; the running job's stream
     # must instead end with its own terminal event (queued ones end via engine.shutdown).

@@ -1,4 +1,5 @@
-"""ASGI middleware: correlation ids on every request and response, and a request-size limit.
+"""ASGI middleware: correlation ids on every request and response, and the body's framing, size
+and read deadline checked before any route runs.
 
 Written against raw ASGI rather than Starlette's BaseHTTPMiddleware so that streaming (SSE)
 responses pass through untouched and still get the header on their first message.
@@ -6,16 +7,16 @@ responses pass through untouched and still get the header on their first message
 
 from __future__ import annotations
 
-import json
+import asyncio
 import uuid
-from contextvars import ContextVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-HEADER = "x-correlation-id"
-MAX_BODY_BYTES = 1 << 20
+from worker_orcd.server.connections import HttpLimits
+from worker_orcd.server.errors import error_response
+from worker_orcd.server.narration import current_correlation_id
 
-correlation_id: ContextVar[str | None] = ContextVar("correlation_id", default=None)
+HEADER = "x-correlation-id"
 
 
 def valid_correlation_id(value: str | None) -> str | None:
@@ -29,9 +30,9 @@ def valid_correlation_id(value: str | None) -> str | None:
 
 
 class WorkerMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int = MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, limits: HttpLimits):
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.limits = limits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,28 +42,46 @@ class WorkerMiddleware:
         given = headers.get(HEADER.encode(), b"").decode("latin-1")
         cid = valid_correlation_id(given) or str(uuid.uuid4())
         scope.setdefault("state", {})["correlation_id"] = cid
-        correlation_id.set(cid)
+        current_correlation_id.set(cid)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = [*message.get("headers", []), (HEADER.encode(), cid.encode())]
             await send(message)
 
+        async def refuse(status: int, code: str, message: str) -> None:
+            """Answer and close: the rest of the body is never read, so the connection's
+            framing is lost (RFC 9112 section 6.3)."""
+            response = error_response(scope["path"], status, code, message)
+            response.headers["connection"] = "close"
+            await response(scope, receive, send_with_id)
+
+        if b"transfer-encoding" in headers and b"content-length" in headers:
+            message = "Content-Length and Transfer-Encoding together: the body's length is unclear"
+            await refuse(400, "INVALID_REQUEST", message)
+            return
+        limit = self.limits.max_body_bytes
+        too_large = f"the request body is larger than {limit} bytes"
         declared = headers.get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            await self._too_large(send_with_id)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await refuse(413, "REQUEST_TOO_LARGE", too_large)
             return
         # Read the body here, up to the limit, then replay it: raising from `receive` instead
         # reached FastAPI's body parser, which answers any error there with a 400.
         chunks: list[bytes] = []
         received = 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.limits.read_timeout)
+            except TimeoutError:
+                stalled = f"no part of the body arrived for {self.limits.read_timeout:g} s"
+                await refuse(408, "REQUEST_TIMEOUT", stalled)
+                return
             if message["type"] != "http.request":  # the client left mid-body
                 break
             received += len(message.get("body", b""))
-            if received > self.max_body_bytes:
-                await self._too_large(send_with_id)
+            if received > limit:
+                await refuse(413, "REQUEST_TOO_LARGE", too_large)
                 return
             chunks.append(message.get("body", b""))
             if not message.get("more_body", False):
@@ -74,18 +93,3 @@ class WorkerMiddleware:
             return replay.pop() if replay else await receive()
 
         await self.app(scope, replayed_receive, send_with_id)
-
-    async def _too_large(self, send: Send) -> None:
-        body = json.dumps(
-            {
-                "code": "REQUEST_TOO_LARGE",
-                "message": f"the request body is larger than {self.max_body_bytes} bytes",
-                "retriable": False,
-            }
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})

@@ -26,6 +26,8 @@ from starlette.concurrency import run_in_threadpool
 from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
 from worker_orcd.engine.llm import GenerationResult
 from worker_orcd.sampling_params import SamplingParams
+from worker_orcd.server.body import JSONRoute
+from worker_orcd.server.errors import OPENAI_ERRORS, ApiError
 from worker_orcd.server.narration import prompt_digest
 from worker_orcd.server.schemas import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS
 from worker_orcd.server.streaming import event_stream
@@ -51,24 +53,6 @@ FINISH_REASONS = {
 }
 
 
-class ApiError(Exception):
-    """An OpenAI-shaped error; raised anywhere on a request's path, answered by `answer`."""
-
-    def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict[str, Any]:
-        kind = "server_error" if self.status >= 500 else "invalid_request_error"
-        error = {"message": self.message, "type": kind, "param": self.param, "code": self.code}
-        return {"error": error}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), self.status)
-
-
 def is_field(part: str | int) -> bool:
     """Whether a pydantic error location part names a field or an index, rather than the body or
     the member of a union that was tried (`str`, `list[int]`, `constrained-str`)."""
@@ -80,9 +64,6 @@ def is_field(part: str | int) -> bool:
 def invalid_request(errors: Any) -> JSONResponse:
     """A failed body validation as OpenAI's 400, naming the first offending field."""
     first = errors[0] if errors else {}
-    if first.get("type") == "json_invalid":
-        reason = first.get("ctx", {}).get("error", "")
-        return ApiError(400, f"the body is not valid JSON: {reason}").response()
     param = ".".join(str(part) for part in first.get("loc", ()) if is_field(part)) or None
     message = f"{param or 'body'}: {first.get('msg', 'invalid request')}"
     return ApiError(400, message, param).response()
@@ -220,7 +201,7 @@ class ChatMessage(OpenAIModel):
     def text_only(self) -> ChatMessage:
         parts = self.content if isinstance(self.content, list) else []
         if kinds := sorted({part.type for part in parts} - {"text"}):
-            raise ValueError(f"only text content parts are supported, got {kinds}")
+            raise ValueError(f"only text content parts are supported, got {len(kinds)} other")
         return self
 
     def for_template(self) -> dict[str, str]:
@@ -292,9 +273,10 @@ CHAT = Flavor("chatcmpl", "chat.completion", "chat.completion.chunk", "messages"
 def sampling_params(body: GenerationRequest, tokenizer: Tokenizer, room: int) -> SamplingParams:
     """The engine's parameters from the fields both endpoints share."""
     stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-    for stop in stops:
+    for index, stop in enumerate(stops):
         if len(tokenizer.encode(stop, add_special=False)) > MAX_STOP_TOKENS:
-            raise ApiError(400, f"stop: {stop!r} is longer than {MAX_STOP_TOKENS} tokens", "stop")
+            message = f"stop: sequence {index} is longer than {MAX_STOP_TOKENS} tokens"
+            raise ApiError(400, message, "stop")
     try:
         return SamplingParams(
             max_tokens=body.token_limit(room),
@@ -309,6 +291,11 @@ def sampling_params(body: GenerationRequest, tokenizer: Tokenizer, room: int) ->
         )
     except ValueError as error:
         raise ApiError(400, str(error)) from None
+
+
+def unknown_model(served: str) -> ApiError:
+    message = f"The model does not exist: this worker serves `{served}`."
+    return ApiError(404, message, "model", "model_not_found")
 
 
 def usage(result: GenerationResult) -> dict[str, int]:
@@ -393,8 +380,7 @@ async def answer(
     engine, tokenizer = worker.engine, worker.engine.llm.tokenizer
     try:
         if body.model and body.model != worker.model_name:
-            message = f"The model `{body.model}` does not exist."
-            raise ApiError(404, message, "model", "model_not_found")
+            raise unknown_model(worker.model_name)
         if refusal := next(body.refusals(), None):
             raise ApiError(400, refusal[1], refusal[0])
         ids, text = await run_in_threadpool(body.prompt_ids, tokenizer)
@@ -429,15 +415,18 @@ async def answer(
     )
 
 
-RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {"description": "JSON, or with `stream`: SSE `data:` chunks ending with `[DONE]`"},
-    400: {"description": 'OpenAI\'s {"error": {...}}: invalid or unsupported fields'},
-    404: {"description": "an unknown model id"},
+GENERATED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "JSON, or with `stream`: SSE `data:` chunks ending with `[DONE]`",
+        "content": {"application/json": {}, "text/event-stream": {}},
+    }
 }
 
 
 def router(worker: Worker) -> APIRouter:
-    routes = APIRouter(prefix="/v1", tags=["OpenAI-compatible"])
+    routes = APIRouter(
+        prefix="/v1", tags=["OpenAI-compatible"], route_class=JSONRoute, responses=OPENAI_ERRORS
+    )
     created = int(time.time())
 
     def card() -> dict[str, Any]:
@@ -454,19 +443,18 @@ def router(worker: Worker) -> APIRouter:
         """The one model this worker serves."""
         return {"object": "list", "data": [card()]}
 
-    @routes.get("/models/{model_id:path}", responses={404: RESPONSES[404]})
+    @routes.get("/models/{model_id:path}")
     async def model(model_id: str) -> Response:
         if model_id != worker.model_name:
-            message = f"The model `{model_id}` does not exist."
-            return ApiError(404, message, "model", "model_not_found").response()
+            return unknown_model(worker.model_name).response()
         return JSONResponse(card())
 
-    @routes.post("/completions", responses=RESPONSES)
+    @routes.post("/completions", responses=GENERATED)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         """Text completion of one prompt (a string or token ids)."""
         return await answer(worker, request, body, COMPLETION)
 
-    @routes.post("/chat/completions", responses=RESPONSES)
+    @routes.post("/chat/completions", responses=GENERATED)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         """A reply to a conversation, rendered with the model's own chat template."""
         return await answer(worker, request, body, CHAT)

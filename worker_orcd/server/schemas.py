@@ -10,6 +10,8 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker_orcd.server.body import field_name
+
 MAX_PROMPT_CHARS = 32_768
 MAX_TOKENS = 2_048
 MAX_STOP_SEQUENCES = 4
@@ -57,10 +59,6 @@ class ErrorBody(BaseModel):
     retriable: bool = False
 
 
-# Fields whose values stay out of error bodies and logs (prompts are private).
-PRIVATE_FIELDS = frozenset({"prompt", "stop"})
-
-
 def _constraint(error: dict[str, Any]) -> str:
     kind, ctx = error["type"], error.get("ctx", {})
     bounds = {
@@ -76,7 +74,7 @@ def _constraint(error: dict[str, Any]) -> str:
     if kind in ("string_too_short", "string_too_long", "too_short", "too_long"):
         limit = "min" if "short" in kind else "max"
         return f"{limit}_length({ctx.get(f'{limit}_length')})"
-    names = {"missing": "required", "extra_forbidden": "unknown_field", "json_invalid": "json"}
+    names = {"missing": "required", "extra_forbidden": "unknown_field"}
     if kind in names:
         return names[kind]
     if kind.endswith("_type") or kind.endswith("_parsing"):
@@ -85,16 +83,17 @@ def _constraint(error: dict[str, Any]) -> str:
 
 
 def field_errors(errors: list[dict[str, Any]]) -> list[FieldError]:
-    """pydantic's errors as the spec's `{field, constraint, message, value}` list."""
+    """pydantic's errors as the spec's `{field, constraint, message, value}` list.
+
+    A value is repeated only when it is a number, a boolean or null: strings are what a request
+    says (prompts, stop strings, ids), and no error carries them back."""
     result = []
     for error in errors:
-        location = [str(part) for part in error["loc"] if part != "body"]
-        field = "body" if error["type"] == "json_invalid" else ".".join(location) or "body"
-        value = None
-        # A missing field has no value; a JSON syntax error's `input` is a placeholder `{}`.
-        echo = error["type"] not in ("missing", "json_invalid")
-        if echo and "input" in error and field.split(".")[0] not in PRIVATE_FIELDS:
-            value = str(error["input"])[:200]
+        location = error["loc"][1:] if error["loc"][:1] == ("body",) else error["loc"]
+        field = field_name(location)
+        value, given = None, error.get("input")
+        if error["type"] != "missing" and (given is None or isinstance(given, int | float)):
+            value = str(given)
         message = f"{field}: {error['msg']}" + (f" (got {value})" if value is not None else "")
         result.append(
             FieldError(field=field, constraint=_constraint(error), message=message, value=value)
