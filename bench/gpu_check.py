@@ -26,8 +26,6 @@ from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.gguf.synth import random_blocks, synthesize
 from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, quantize_activation
 from worker_orcd.kernels.quant_matmul import quant_matmul
-from worker_orcd.layers.attention import Attention, KVCache
-from worker_orcd.layers.rotary import RopeStyle, RotaryEmbedding
 from worker_orcd.sampling_params import SamplingParams
 
 # The Qwen2.5-0.5B Q4_K_M matrices: (type, rows, cols).
@@ -81,33 +79,19 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
                     weight_gb_per_s=gbps,
                 )
             )
-    rotary = RotaryEmbedding(64, 1e6, RopeStyle.NEOX, 4096)
-    for position in (0, 99, 999, 4095):
-        q, k, v = torch.randn(14 * 64), torch.randn(128), torch.randn(128)
-        cache = KVCache(1, 4096, 2, 64, torch.device("cpu"))
-        cache.keys.normal_(), cache.values.normal_()
-        keys, values = cache.keys[0].cuda(), cache.values[0].cuda()
-        layer = Attention(0, 14, 2, 64, rotary)
-        expected = layer(q[None], k[None], v[None], torch.tensor([position]), position, cache)
-        gpu_cache = SimpleNamespace(keys=keys[None], values=values[None])
-        gpu_layer = Attention(0, 14, 2, 64, RotaryEmbedding(64, 1e6, RopeStyle.NEOX, 4096))
-        gpu_layer.rotary.to(torch.device("cuda"))
-        args = (q[None].cuda(), k[None].cuda(), v[None].cuda(), torch.tensor([position]).cuda())
-        poison_allocator()
-        out = gpu_layer(*args, position, gpu_cache)
-        call = functools.partial(gpu_layer, *args, position, gpu_cache)
-        ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
-        rows.append(
-            dict(
-                kernel=f"decode_attention pos={position}",
-                m=1,
-                rel_error=relative_error(out, expected.double().cuda()),
-                finite=bool(torch.isfinite(out).all()),
-                ms=ms,
-                weight_gb_per_s=0.0,
-            )
-        )
     return rows
+
+
+def last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
+    """The logits after `prompt` (at most one step's tokens), through the engine's own scheduler
+    and runner; its full blocks stay in the prefix cache for the next, longer prompt."""
+    core = llm.engine
+    seq = core.add(prompt, SamplingParams(max_tokens=1))
+    output = core.scheduler.schedule()
+    _, logits = core.runner.logits(list(output.chunks))
+    core.scheduler.update(output)
+    core.abort(seq)
+    return logits[0].float().cpu()
 
 
 def check_model(path: Path) -> dict:
@@ -119,26 +103,23 @@ def check_model(path: Path) -> dict:
     ]
     worst, compared, agreed, margins = 0.0, 0, 0, []
     for prompt in prompts:
-        reference = cpu.runner.prefill(prompt)
-        logits = gpu.runner.prefill(prompt).cpu()
-        worst = max(worst, (logits - reference).abs().max().item())
+        difference = last_logits(gpu, prompt) - last_logits(cpu, prompt)
+        worst = max(worst, difference.abs().max().item())
     bound = 10 * worst + 1e-3
     greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
     for prompt in prompts:
-        tokens_gpu = _run(gpu, prompt, greedy)
-        tokens_again = _run(gpu, prompt, greedy)
+        tokens_gpu = gpu.generate([prompt], greedy)[0].token_ids
+        tokens_again = gpu.generate([prompt], greedy)[0].token_ids
         assert tokens_gpu == tokens_again, "the same request twice on the GPU differed"
         # Walk the CPU reference along the GPU's tokens; compare where its top-2 margin is safe.
-        logits = cpu.runner.prefill(prompt)
         for step, token in enumerate(tokens_gpu):
+            logits = last_logits(cpu, prompt + tokens_gpu[:step])
             top2 = logits.topk(2).values
             margin = (top2[0] - top2[1]).item()
             margins.append(margin)
             if margin > bound:
                 compared += 1
                 agreed += int(int(logits.argmax()) == token)
-            if step + 1 < len(tokens_gpu):
-                logits = cpu.runner.decode(token, len(prompt) + step)
     return dict(
         max_abs_logit_diff=worst,
         margin_bound=bound,
@@ -150,35 +131,17 @@ def check_model(path: Path) -> dict:
 
 
 def profile(path: Path) -> str:
-    """Where the time goes: GPU time per kernel of one 512-token prefill, then the decode step's
-    time per token, from 200 graph replays queued back to back. Decode kernels overlap under
-    programmatic dependent launch (each waits inside for the one before), so their durations
-    would count that wait; the replay time is the figure."""
+    """Where the time goes: GPU time per kernel of one 512-token prefill and of 16 decode steps,
+    through the engine."""
     llm = LLM.load(path, "cuda")
     prompt = list(range(1000, 1512))
-    llm.runner.prefill(prompt)
-    for position in range(512, 515):  # compile, capture the graph
-        llm.runner.decode(7, position)
+    params = SamplingParams(temperature=0.0, max_tokens=17, ignore_eos=True)
+    llm.generate([prompt], params)  # compile
     activities = [torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=activities) as profiler:
-        llm.runner.prefill(prompt)
+        llm.generate([prompt], params)
         torch.cuda.synchronize()
-    table = profiler.key_averages().table(sort_by="cuda_time_total", row_limit=15)
-    graph, _ = llm.runner._graphs[1]
-    torch.cuda.synchronize()
-    started = time.perf_counter()
-    for _ in range(200):
-        graph.replay()
-    torch.cuda.synchronize()
-    step_us = (time.perf_counter() - started) / 200 * 1e6
-    return f"{table}\ndecode step at position 515 (graph replays): {step_us:.1f} us per token"
-
-
-def _run(llm: LLM, prompt: list[int], params: SamplingParams) -> list[int]:
-    generation = llm.generate(prompt, params)
-    for _ in generation:
-        pass
-    return generation.result.token_ids
+    return profiler.key_averages().table(sort_by="cuda_time_total", row_limit=20)
 
 
 def main() -> None:

@@ -1,17 +1,15 @@
 """`worker-orcd bench`: the numbers llama-bench reports, measured on our own serving path.
 
-pp (prefill tokens/s) times one forward pass over a prompt of random ids, as llama-bench's pp
-does; tg (decode tokens/s) runs the real generation loop (graph replay, sampling, detokenizing)
-from a one-token prompt, so it is what a client gets; time to first token is a full request with
-a pp-sized prompt and one generated token. Each is the median of `repeats` runs after a warm-up.
+Both go through the engine's step loop, so they are what a client gets: pp (prefill tokens/s)
+is a prompt of random ids over the time to its first token (its chunks, then one draw); tg
+(decode tokens/s) generates from a one-token prompt (sampling, detokenizing included). Each is
+the median of `repeats` runs after a warm-up.
 """
 
 from __future__ import annotations
 
 import resource
 import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -50,22 +48,6 @@ class BenchReport:
         return "\n".join(lines)
 
 
-def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        _synchronize(device)
-        start = time.perf_counter()
-        run()
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_bench(
     path: Path,
     device_name: str,
@@ -83,24 +65,17 @@ def run_bench(
     first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
     def decode_rate() -> float:
-        generation = llm.generate(prompt[:1], greedy)
-        for _ in generation:
-            pass
-        return generation.result.tokens_per_second
+        return llm.generate([prompt[:1]], greedy)[0].tokens_per_second
 
     def first_token_seconds() -> float:
-        generation = llm.generate(prompt, first_token)
-        for _ in generation:
-            pass
-        return generation.result.prefill_seconds
+        return llm.generate([prompt], first_token)[0].prefill_seconds
 
-    llm.runner.prefill(prompt)  # warm-up: kernels compile, the decode graph is captured
+    first_token_seconds()  # warm-up: kernels compile
     decode_rate()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    prefill = _median_seconds(lambda: llm.runner.prefill(prompt), device, repeats)
-    decode = statistics.median(decode_rate() for _ in range(repeats))
     ttft = statistics.median(first_token_seconds() for _ in range(repeats))
+    decode = statistics.median(decode_rate() for _ in range(repeats))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -110,7 +85,7 @@ def run_bench(
         device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         prompt_tokens=prompt_tokens,
         generated_tokens=gen_tokens,
-        prefill_tokens_per_second=prompt_tokens / prefill,
+        prefill_tokens_per_second=prompt_tokens / ttft,
         decode_tokens_per_second=decode,
         time_to_first_token_ms=1000 * ttft,
         weights_bytes=llm.weights_bytes,

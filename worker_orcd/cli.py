@@ -61,7 +61,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompt_ids = tokenizer.encode(text, add_special=False)
     else:
         prompt_ids = tokenizer.encode(args.prompt)
-    generation = llm.generate(prompt_ids, params)
+    generation = llm.stream(prompt_ids, params)
     for chunk in generation:
         if not args.json:
             print(chunk.text, end="", flush=True)

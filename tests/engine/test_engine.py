@@ -7,7 +7,15 @@ import asyncio
 import pytest
 import torch
 
-from worker_orcd.engine.engine import Engine, Failed, Finished, JobRejected, Started, Token
+from worker_orcd.engine.engine import (
+    CANCELLED,
+    Engine,
+    Failed,
+    Finished,
+    JobRejected,
+    Started,
+    Token,
+)
 from worker_orcd.engine.llm import LLM
 from worker_orcd.sampling_params import SamplingParams
 
@@ -45,7 +53,7 @@ def test_jobs_run_in_order_each_with_one_terminal_event(engine: Engine, llm: LLM
         assert isinstance(events[0], Started) and events[0].seed is not None
         assert all(isinstance(e, Token) for e in events[1:-1])
         assert isinstance(events[-1], Finished)
-        alone = llm.generate(llm.tokenizer.encode(prompt), GREEDY)
+        alone = llm.stream(llm.tokenizer.encode(prompt), GREEDY)
         assert "".join(c.text for c in alone) == "".join(e.text for e in events[1:-1])
 
 
@@ -97,8 +105,14 @@ def test_a_failing_generation_ends_its_job_and_the_next_one_succeeds(
     assert isinstance(after[-1], Finished)
 
 
-def test_shutdown_ends_queued_jobs_and_refuses_new_ones(llm: LLM):
-    engine = Engine(llm)
+@pytest.fixture(scope="module")
+def serial(smollm2_path) -> LLM:
+    """One sequence at a time (a second job stays queued), prompts in chunks of 256 tokens."""
+    return LLM.load(smollm2_path, "cpu", max_num_seqs=1, max_num_batched_tokens=256)
+
+
+def test_shutdown_ends_queued_jobs_and_refuses_new_ones(serial: LLM):
+    llm, engine = serial, Engine(serial)
     long = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
 
     async def scenario():
@@ -130,3 +144,41 @@ def test_shutdown_deadline_ends_the_running_job_with_its_terminal_event(llm: LLM
     assert isinstance(events[0], Started)
     assert [type(e) for e in events[1:-1]] == [Token] * (len(events) - 2)
     assert events[-1].code == "SHUTTING_DOWN" and events[-1].retriable
+
+
+def test_a_cancel_during_a_long_prefill_lands_within_one_chunk(
+    serial: LLM, monkeypatch: pytest.MonkeyPatch
+):
+    """The job is cancelled while its first chunk runs: no second chunk runs, it ends with
+    CANCELLED, its blocks come back, and the job queued behind it runs next."""
+    llm, engine = serial, Engine(serial)
+    ids = llm.tokenizer.encode(" ".join(f"item{n % 89}" for n in range(1000)))[:1000]
+    pool = llm.engine.scheduler.block_manager
+    steps: list[int] = []  # tokens in each forward pass
+    forward = llm.model.forward
+
+    async def scenario():
+        long = engine.submit("long", ids, GREEDY)
+        short = engine.submit("short", llm.tokenizer.encode("Hello"), GREEDY)
+        loop = asyncio.get_running_loop()
+
+        def cancelling(batch, cache):
+            steps.append(len(batch.input_ids))
+            if len(steps) == 1:  # on the engine thread, mid-prompt, as /cancel would
+                loop.call_soon_threadsafe(engine.cancel, "long")
+                while long.ending is None:
+                    pass  # the cancel lands while this chunk still runs
+            return forward(batch, cache)
+
+        monkeypatch.setattr(llm.model, "forward", cancelling)
+        return await collect(long), await collect(short)
+
+    try:
+        long_events, short_events = run(scenario())
+    finally:
+        engine.shutdown()
+    assert long_events == [Started(long_events[0].seed, 1000), CANCELLED]
+    # the long prompt's first chunk, then the short prompt
+    assert steps[:2] == [256, len(llm.tokenizer.encode("Hello"))]
+    assert isinstance(short_events[-1], Finished)
+    assert pool.num_free_blocks == pool.num_blocks

@@ -14,7 +14,7 @@ def llm(smollm2_path) -> LLM:
 
 
 def run(llm: LLM, prompt: str, **params):
-    generation = llm.generate(llm.tokenizer.encode(prompt), SamplingParams(**params))
+    generation = llm.stream(llm.tokenizer.encode(prompt), SamplingParams(**params))
     chunks = list(generation)
     assert generation.result is not None
     assert "".join(c.text for c in chunks) == generation.result.text
@@ -56,7 +56,7 @@ def test_a_stop_sequence_ends_the_text_before_it(llm: LLM):
 
 def test_the_end_of_turn_token_ends_a_chat_reply(llm: LLM):
     text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "Say hello."}])
-    generation = llm.generate(
+    generation = llm.stream(
         llm.tokenizer.encode(text, add_special=False),
         SamplingParams(temperature=0.0, max_tokens=200),
     )
@@ -66,14 +66,14 @@ def test_the_end_of_turn_token_ends_a_chat_reply(llm: LLM):
     assert reply.strip()
 
 
-def test_generation_stops_at_the_context_length(llm: LLM, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(llm, "context_length", 12)
-    ids = llm.tokenizer.encode("one two three four five")
-    result = run(llm, "one two three four five", temperature=0.0, max_tokens=50, ignore_eos=True)
+def test_generation_stops_at_the_context_length(smollm2_path):
+    small = LLM.load(smollm2_path, "cpu", max_context=12)
+    ids = small.tokenizer.encode("one two three four five")
+    result = run(small, "one two three four five", temperature=0.0, max_tokens=50, ignore_eos=True)
     assert result.stop_reason == "context_length"
     assert len(ids) + len(result.token_ids) == 12
-    with pytest.raises(ValueError, match="context length of 12"):
-        llm.generate(list(range(12)), SamplingParams())
+    with pytest.raises(ValueError, match=r"expected 1 to 11 \(the model's context length\)"):
+        small.stream(list(range(12)), SamplingParams())
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_generation_stops_at_the_context_length(llm: LLM, monkeypatch: pytest.Mo
 def test_streamed_text_is_whole_characters(llm: LLM, prompt: str):
     """Spec M0-W-1824: max_tokens 20 at temperature 0.7; no chunk holds U+FFFD or half a char."""
     for seed in range(3):
-        generation = llm.generate(
+        generation = llm.stream(
             llm.tokenizer.encode(prompt), SamplingParams(temperature=0.7, seed=seed, max_tokens=20)
         )
         for chunk in generation:

@@ -16,8 +16,11 @@ from worker_orcd.layers.quant_linear import stream_to_device
 def test_the_plan_counts_the_weights_and_the_kv_cache_the_model_allocates(smollm2_path: Path):
     llm = LLM.load(smollm2_path, "cpu", max_context=1024)
     plan = plan_vram(GGUFFile(smollm2_path), llm.context_length)
-    cache = llm.runner.cache
-    assert plan.kv_cache == cache.keys.nbytes + cache.values.nbytes
+    c = llm.model.config
+    assert plan.kv_cache == 2 * c.num_layers * llm.context_length * c.num_kv_heads * c.head_dim * 2
+    cache = llm.engine.runner.cache  # on the CPU, one full context in float32
+    assert cache.keys.dtype == torch.float32
+    assert cache.keys.nbytes + cache.values.nbytes == 2 * plan.kv_cache
     assert plan.weights == sum(info.nbytes for info in llm.gguf.tensors.values())
     assert plan.total == plan.weights + plan.kv_cache + plan.workspace
 

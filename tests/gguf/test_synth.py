@@ -40,7 +40,7 @@ def test_a_synthetic_model_loads_and_generates_reproducibly(tmp_path: Path):
     params = SamplingParams(temperature=0.8, seed=3, max_tokens=6, ignore_eos=True)
     runs = []
     for _ in range(2):
-        generation = llm.generate(prompt, params)
+        generation = llm.stream(prompt, params)
         list(generation)
         runs.append(generation.result.token_ids)
     assert runs[0] == runs[1] and len(runs[0]) == 6

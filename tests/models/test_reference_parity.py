@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from worker_orcd.engine.config import BLOCK_SIZE
+from worker_orcd.engine.forward_batch import ForwardBatch
 from worker_orcd.engine.llm import LLM
+from worker_orcd.engine.scheduler import ScheduledChunk
+from worker_orcd.engine.sequence import Sequence
 from worker_orcd.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -61,10 +65,13 @@ def test_prefill_logits_match_the_reference(pair):
     for prompt in PROMPTS:
         ids = ours.tokenizer.encode(prompt, add_special=False)
         with torch.inference_mode():
-            hidden = ours.model(
-                torch.tensor(ids), torch.arange(len(ids)), ours.model.new_kv_cache(len(ids))
+            seq = Sequence(ids, SamplingParams())
+            seq.block_table = list(range(-(-len(ids) // BLOCK_SIZE)))
+            batch = ForwardBatch.build(
+                [ScheduledChunk(seq, 0, len(ids), True)], BLOCK_SIZE, torch.device("cpu")
             )
-            logits = ours.model.compute_logits(hidden)
+            cache = ours.model.new_kv_cache(len(seq.block_table), BLOCK_SIZE)
+            logits = ours.model.compute_logits(ours.model(batch, cache))
             expected = reference(torch.tensor([ids])).logits[0]
         worst = max(worst, (logits - expected).abs().max().item())
         assert torch.equal(logits.argmax(-1), expected.argmax(-1)), prompt
@@ -77,7 +84,7 @@ def test_greedy_tokens_match_the_reference_for_32_steps(pair):
     params = SamplingParams(temperature=0.0, max_tokens=GREEDY_STEPS, ignore_eos=True)
     for prompt in PROMPTS:
         ids = ours.tokenizer.encode(prompt, add_special=False)
-        generation = ours.generate(ids, params)
+        generation = ours.stream(ids, params)
         text = "".join(chunk.text for chunk in generation)
         assert generation.result.token_ids == reference_greedy(reference, ids, GREEDY_STEPS), prompt
         assert "\ufffd" not in text

@@ -79,7 +79,7 @@ def test_a_stop_sequence_ends_the_stream_and_is_reported(server: RunningServer):
     assert stream.text == " 7, 8,"  # greedy counting, cut before the stop text
 
 
-def test_a_request_waits_for_the_running_one(server: RunningServer):
+def test_a_request_joins_the_running_one_and_gets_the_same_tokens(server: RunningServer):
     first = StreamReader(server.url, counting(new_job_id("first"), max_tokens=16))
     first.start()
     first.wait_for("token")
@@ -92,8 +92,8 @@ def test_a_request_waits_for_the_running_one(server: RunningServer):
     assert first_stream.terminal.event == second_stream.terminal.event == "end"
     lines = [(line["event"], line["job_id"]) for line in server.logs()]
     first_end = lines.index(("execute_end", first.body["job_id"]))
-    assert lines.index(("execute_start", second_id)) > first_end  # it ran after, not alongside
-    assert second_stream.text == first_stream.text[: len(second_stream.text)]
+    assert lines.index(("execute_start", second_id)) < first_end  # in the batch, not after it
+    assert second_stream.text == first_stream.text[: len(second_stream.text)]  # batch-invariant
 
 
 def test_twenty_concurrent_requests_each_get_their_own_stream(server: RunningServer):

@@ -5,13 +5,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BLOCK_SIZE = 16  # tokens per KV block: the prefix cache's granularity, as vLLM's default
+# Tokens per step by device: a step is what a cancel waits for, and a CPU computes about a
+# hundred times fewer tokens per second.
+STEP_TOKENS = {"cuda": 2048, "cpu": 512}
 
 
 @dataclass(frozen=True)
 class EngineConfig:
     max_model_len: int  # positions a sequence may reach: prompt plus generated tokens
     max_num_seqs: int = 256  # sequences running at once; more wait
-    max_num_batched_tokens: int = 2048  # tokens one step computes: decodes plus prefill chunks
+    max_num_batched_tokens: int = STEP_TOKENS["cuda"]  # per step: decodes plus prefill chunks
     max_queued: int = 1024  # sequences waiting; beyond, a request is refused with a 503
     block_size: int = BLOCK_SIZE
     gpu_memory_utilization: float = 0.90  # of the GPU's memory, for weights, activations, KV

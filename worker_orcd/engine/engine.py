@@ -1,16 +1,16 @@
-"""The worker's job queue: accepted jobs wait their turn in order, one generation runs at a time
-on a dedicated thread, and every accepted job ends with exactly one terminal event.
+"""The worker's async front over the step loop: accepted jobs join the batch at the next step,
+the engine thread steps while any sequence is unfinished, and every accepted job ends with
+exactly one terminal event.
 
 The HTTP layer sees only `submit`, `cancel` and each job's async event stream; the model, the
-GPU and the blocking generation loop stay on the engine thread. Batching replaces the one-at-a-
-time loop later without changing that surface.
+GPU and the blocking step loop stay on the engine thread, which alone touches `LLMEngine`.
+Cancels and new jobs reach it through a lock-guarded inbox, read between two steps.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
@@ -18,7 +18,10 @@ from typing import Any
 
 import torch
 
-from worker_orcd.engine.llm import LLM, Generation, GenerationResult
+from worker_orcd.engine.llm import LLM
+from worker_orcd.engine.llm_engine import StepOutput
+from worker_orcd.engine.output import GenerationResult
+from worker_orcd.engine.sequence import Sequence
 from worker_orcd.sampling_params import SamplingParams, new_seed
 
 
@@ -79,18 +82,11 @@ class Job:
         self.params = params
         self.context = context  # the caller's, for listeners (say, a correlation id for logs)
         self.done = False
-        self._taken = False  # set, under the engine's lock, once the job leaves the queue
+        self.seq: Sequence | None = None  # once the engine thread has taken the job
+        self.ending: Failed | None = None  # a cancel's terminal event, once asked for
+        self._tokens = 0
         self._loop = loop
         self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self._generation: Generation | None = None
-        self._ending = CANCELLED  # the terminal event of a cancelled generation
-
-    def cancel(self, ending: Failed = CANCELLED) -> None:
-        self._ending = ending
-        self._cancelled.set()
-        if self._generation is not None:
-            self._generation.cancel()
 
     async def events(self) -> AsyncIterator[Event]:
         """The job's events in order, ending with its one terminal event."""
@@ -110,11 +106,15 @@ Listener = Callable[[Job, Event], None]
 class Engine:
     def __init__(self, llm: LLM, listener: Listener | None = None):
         self.llm = llm
+        self._core = llm.engine
         self._listener = listener or (lambda job, event: None)
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._jobs: dict[str, Job] = {}
-        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}  # accepted and not yet ended, by id
+        self._by_seq: dict[int, Job] = {}  # the engine thread's: sequence id to job
+        self._inbox: list[Job] = []  # accepted, not yet taken by the engine thread
+        self._cancels: list[Job] = []  # taken jobs whose cancel the engine thread must apply
+        self._lock = threading.Condition()
         self._accepting = True
+        self._draining = False
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
@@ -130,12 +130,10 @@ class Engine:
         context: Mapping[str, Any] | None = None,
     ) -> Job:
         """Queue a job; call from the event loop that will read its events."""
-        if not 0 < len(prompt_ids) < self.llm.context_length:
-            raise JobRejected(
-                "INVALID_REQUEST",
-                f"the prompt has {len(prompt_ids)} tokens: expected 1 to "
-                f"{self.llm.context_length - 1} (the model's context length)",
-            )
+        try:
+            self._core.check(prompt_ids, params)
+        except ValueError as error:
+            raise JobRejected("INVALID_REQUEST", str(error)) from None
         if params.seed is None:  # fixed now, so that `started` can report it
             params = dataclasses.replace(params, seed=new_seed())
         job = Job(job_id, prompt_ids, params, context or {}, asyncio.get_running_loop())
@@ -147,11 +145,12 @@ class Engine:
                     "DUPLICATE_JOB_ID", f"job {job_id!r} is already queued or running"
                 )
             self._jobs[job_id] = job
-        self._queue.put(job)
+            self._inbox.append(job)
+            self._lock.notify()
         return job
 
     def cancel(self, job_id: str) -> bool:
-        """End a queued job now, a running one within a model step; False when none is active."""
+        """End a job within a step (one not yet taken, at once); False when none is active."""
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
@@ -161,75 +160,98 @@ class Engine:
 
     def abort(self, job: Job, ending: Failed = CLIENT_LEFT) -> None:
         """Like `cancel`, for a caller that holds the job itself (its id may be reused later)."""
-        if not self._end_if_queued(job, ending):
-            job.cancel(ending)
+        with self._lock:
+            if job.done or job.ending is not None:
+                return
+            job.ending = ending
+            if job in self._inbox:  # never reached the engine: it ends here and now
+                self._inbox.remove(job)
+            else:
+                self._cancels.append(job)
+                self._lock.notify()
+                return
+        self._send(job, ending)
 
     def shutdown(self, timeout: float | None = None) -> None:
-        """Refuse new jobs and end the queued ones now; give the running job `timeout` seconds
-        (None: as long as it takes) to finish, then end it within a model step; stop the thread.
-
-        A second call with a shorter timeout (a second signal, say) cuts the first one's wait."""
+        """Refuse new jobs and end those not yet started now; give the running ones `timeout`
+        seconds (None: as long as they take) to finish, then end them within a step; stop the
+        thread. A second call with a shorter timeout (a second signal, say) cuts the wait."""
         with self._lock:
             self._accepting = False
-            jobs = list(self._jobs.values())
-        for job in jobs:
-            self._end_if_queued(job, SHUTTING_DOWN)
-        self._queue.put(None)
+            self._draining = True
+            queued = list(self._inbox)
+            self._lock.notify()
+        for job in queued:
+            self.abort(job, SHUTTING_DOWN)
         self._thread.join(timeout)
         if self._thread.is_alive():
             with self._lock:
                 running = list(self._jobs.values())
             for job in running:
-                job.cancel(SHUTDOWN_DEADLINE)
+                self.abort(job, SHUTDOWN_DEADLINE)
             self._thread.join()
 
-    def _end_if_queued(self, job: Job, ending: Failed) -> bool:
-        """End a job that has not started yet now, with `ending` alone (it never started),
-        rather than when the jobs ahead of it are done; the engine thread then skips it."""
-        with self._lock:
-            if job._taken:
-                return False
-            job._taken = True
-        job.done = True
-        self._send(job, ending)
-        return True
-
     def _run(self) -> None:
-        while (job := self._queue.get()) is not None:
+        core = self._core
+        while True:
             with self._lock:
-                if job._taken:  # cancelled while queued: its stream has already ended
-                    continue
-                job._taken = True
-            try:
-                self._execute(job)
-            finally:
-                self._release(job)
-                job.done = True
+                while not (self._inbox or self._cancels or self._draining or core.has_unfinished()):
+                    self._lock.wait()
+                taken, self._inbox = self._inbox, []
+                cancels, self._cancels = self._cancels, []
+                draining = self._draining
+            for job in taken:
+                job.seq = core.add(job.prompt_ids, job.params)
+                self._by_seq[job.seq.seq_id] = job
+            for job in cancels:
+                self._end(job, job.ending)
+            if draining:  # jobs that have not started end now, retriable elsewhere
+                for seq in list(core.scheduler.waiting):
+                    if seq.scheduled_at is None:
+                        self._end(self._by_seq[seq.seq_id], SHUTTING_DOWN)
+                if not core.has_unfinished():
+                    return
+            if core.has_unfinished():
+                self._step()
 
-    def _execute(self, job: Job) -> None:
-        self._send(job, Started(job.params.seed, len(job.prompt_ids)))
+    def _step(self) -> None:
         try:
-            generation = self.llm.generate(job.prompt_ids, job.params)
-            job._generation = generation
-            if job._cancelled.is_set():
-                generation.cancel()
-            for chunk in generation:
-                self._send(job, Token(chunk.index, chunk.text))
-        except torch.OutOfMemoryError as error:
-            job._generation = None
+            outputs = self._core.step()
+        except Exception as error:  # the step's sequences fail; the worker stays up
+            self._fail_running(error)
+            return
+        for output in outputs:
+            self._deliver(output)
+
+    def _deliver(self, output: StepOutput) -> None:
+        job = self._by_seq[output.seq.seq_id]
+        if output.started:
+            self._send(job, Started(job.params.seed, len(job.prompt_ids)))
+        if output.text:
+            self._send(job, Token(job._tokens, output.text))
+            job._tokens += 1
+        if output.finished:
+            del self._by_seq[output.seq.seq_id]
+            self._send(job, Finished(GenerationResult.of(output.seq)))
+
+    def _fail_running(self, error: Exception) -> None:
+        if isinstance(error, torch.OutOfMemoryError):
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()  # give back what the failed step allocated
-            self._send(job, Failed("VRAM_OOM", f"out of GPU memory: {error}", retriable=True))
-            return
-        except Exception as error:  # the job fails; the worker stays up
-            self._send(job, Failed("INTERNAL", f"{type(error).__name__}: {error}", retriable=True))
-            return
-        result = generation.result
-        assert result is not None
-        if result.stop_reason == "cancelled":
-            self._send(job, job._ending)
+            failed = Failed("VRAM_OOM", f"out of GPU memory: {error}", retriable=True)
         else:
-            self._send(job, Finished(result))
+            failed = Failed("INTERNAL", f"{type(error).__name__}: {error}", retriable=True)
+        for seq in list(self._core.scheduler.running):
+            self._end(self._by_seq[seq.seq_id], failed)
+
+    def _end(self, job: Job, ending: Failed) -> None:
+        """End a taken job before its sequence finished: free the sequence, send `ending`."""
+        seq = job.seq
+        if seq is None or job.done:
+            return
+        self._core.abort(seq)
+        del self._by_seq[seq.seq_id]
+        self._send(job, ending)
 
     def _release(self, job: Job) -> None:
         """Free the job's id, unless a later job already took it."""
@@ -241,6 +263,7 @@ class Engine:
         if isinstance(event, Finished | Failed):
             # Free the id before the client can see the end: an immediate resubmission of the
             # same job_id must not race the engine thread into a 409.
+            job.done = True
             self._release(job)
         self._listener(job, event)
         job._emit(event)

@@ -1,33 +1,26 @@
-"""One loaded model and its single-sequence generation loop.
-
-The loop is prefill, chunk by chunk, then decode one token at a time; every token goes through
-the sampler with the request's own seeded generator, then through the streaming detokenizer and
-the stop matcher, so what reaches the caller is whole characters that are never part of a stop
-string. The sampler runs on the device, and each decode step is queued behind the token it
-reads before the host sees that token (as vLLM's asynchronous scheduling does): the host's work
-per token overlaps the GPU's, and a step queued past a stop is discarded.
+"""One loaded model and the engine over it, for offline use: `generate` runs a batch of prompts,
+`stream` one prompt whose text arrives as it is decided. Both drive the same step loop the
+server's `Engine` drives from its thread; a request's tokens are the same either way.
 """
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from worker_orcd.engine.memory import check_fits, plan_vram
-from worker_orcd.engine.model_runner import ModelRunner
-from worker_orcd.engine.stop import StopMatcher
+from worker_orcd.engine.config import STEP_TOKENS, EngineConfig
+from worker_orcd.engine.llm_engine import LLMEngine
+from worker_orcd.engine.memory import check_fits, kv_pool_blocks, plan_vram
+from worker_orcd.engine.output import GenerationResult
 from worker_orcd.gguf.reader import GGUFFile
-from worker_orcd.layers.sampler import sample
 from worker_orcd.models import load_model
-from worker_orcd.sampling_params import SamplingParams, new_seed
+from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.tokenizer import Tokenizer, load_tokenizer
 
-DEFAULT_MAX_CONTEXT = 8192  # KV cache positions allocated when a model allows more
+DEFAULT_MAX_CONTEXT = 8192  # positions a sequence may reach when a model allows more
 
 
 def resolve_device(name: str, index: int = 0) -> torch.device:
@@ -65,28 +58,10 @@ class TextChunk:
     text: str  # whole UTF-8 characters, never empty
 
 
-@dataclass(frozen=True)
-class GenerationResult:
-    prompt_token_ids: list[int]
-    token_ids: list[int]
-    text: str
-    seed: int
-    stop_reason: str  # "eos", "max_tokens", "stop_sequence", "context_length" or "cancelled"
-    stop_sequence_matched: str | None
-    prefill_seconds: float  # time to the first token
-    decode_seconds: float  # time for the tokens after the first
-
-    @property
-    def tokens_per_second(self) -> float:
-        """Decode speed: tokens after the first over the time they took."""
-        if len(self.token_ids) > 1 and self.decode_seconds > 0:
-            return (len(self.token_ids) - 1) / self.decode_seconds
-        return len(self.token_ids) / self.prefill_seconds if self.prefill_seconds > 0 else 0.0
-
-
 class LLM:
-    """A loaded model, its tokenizer, and a runner whose KV cache holds `context_length`
-    positions: the model's own context, capped at `max_context` (the cache is allocated once)."""
+    """A loaded model, its tokenizer, and an engine whose sequences reach `context_length`
+    positions: the model's own context, capped at `max_context`. `engine_options` are
+    `EngineConfig` fields (max_num_seqs, max_num_batched_tokens, num_kv_blocks, ...)."""
 
     def __init__(
         self,
@@ -94,12 +69,15 @@ class LLM:
         device: torch.device,
         progress: Callable[[int], None] | None = None,
         max_context: int = DEFAULT_MAX_CONTEXT,
+        **engine_options,
     ):
         self.gguf = gguf
         self.device = device
         self.tokenizer: Tokenizer = load_tokenizer(gguf.metadata)
         model_context = int(gguf.metadata.get(f"{gguf.architecture}.context_length", max_context))
         self.context_length = min(model_context, max_context)
+        engine_options.setdefault("max_num_batched_tokens", STEP_TOKENS[device.type])
+        self.config = EngineConfig(max_model_len=self.context_length, **engine_options)
         before = 0
         if device.type == "cuda":
             check_fits(plan_vram(gguf, self.context_length), device, gguf.path)
@@ -111,7 +89,8 @@ class LLM:
             self.weights_bytes = torch.cuda.memory_allocated(device) - before
         else:
             self.weights_bytes = sum(info.nbytes for info in gguf.tensors.values())
-        self.runner = ModelRunner(self.model, device, self.context_length)
+        num_blocks = self.config.num_kv_blocks or kv_pool_blocks(self.model, self.config)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.config, num_blocks)
 
     @classmethod
     def load(
@@ -120,125 +99,42 @@ class LLM:
         device: str = "auto",
         progress: Callable[[int], None] | None = None,
         max_context: int = DEFAULT_MAX_CONTEXT,
+        **engine_options,
     ) -> LLM:
-        return cls(GGUFFile(path), resolve_device(device), progress, max_context)
+        return cls(GGUFFile(path), resolve_device(device), progress, max_context, **engine_options)
 
-    def generate(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        return Generation(self, prompt_ids, params)
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+    ) -> list[GenerationResult]:
+        """Run every prompt to its end, batched; results in the prompts' order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        seqs = [self.engine.add(p, q) for p, q in zip(prompts, params, strict=True)]
+        while self.engine.has_unfinished():
+            self.engine.step()
+        return [GenerationResult.of(seq) for seq in seqs]
 
-
-class _Drawn:
-    """A sampled token id on its way to the host. The device copy feeds the next step at once;
-    the host copy arrives by an asynchronous transfer, and `value()` waits for that alone."""
-
-    def __init__(self, token: torch.Tensor):
-        self.token = token
-        self._host, self._ready = token, None
-        if token.is_cuda:
-            self._host = torch.empty(1, dtype=torch.long, pin_memory=True)
-            self._host.copy_(token, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record()
-
-    def value(self) -> int:
-        if self._ready is not None:
-            self._ready.synchronize()
-        return int(self._host)
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        return Generation(self.engine, prompt_ids, params)
 
 
 class Generation:
     """Iterate for the text chunks as they are decided; `result` is set once iteration ends.
+    Steps the engine until this request is done (others queued beside it advance too)."""
 
-    `cancel()` may be called from any thread: the loop checks it before every model step (a
-    decode step or a chunk of the prompt), so a cancelled generation ends within one step with
-    stop reason "cancelled".
-    """
-
-    def __init__(self, llm: LLM, prompt_ids: list[int], params: SamplingParams):
-        if not prompt_ids:
-            raise ValueError("the prompt is empty: expected at least one token")
-        if len(prompt_ids) >= llm.context_length:
-            raise ValueError(
-                f"the prompt has {len(prompt_ids)} tokens: expected fewer than the model's "
-                f"context length of {llm.context_length}"
-            )
-        self.llm = llm
-        self.prompt_ids = list(prompt_ids)
-        self.params = params
-        self.seed = params.seed if params.seed is not None else new_seed()
+    def __init__(self, engine: LLMEngine, prompt_ids: list[int], params: SamplingParams):
+        self.engine = engine
+        self.seq = engine.add(prompt_ids, params)
         self.result: GenerationResult | None = None
-        self._cancelled = threading.Event()
-
-    def cancel(self) -> None:
-        self._cancelled.set()
 
     def __iter__(self) -> Iterator[TextChunk]:
-        llm, params = self.llm, self.params
-        budget = min(params.max_tokens, llm.context_length - len(self.prompt_ids))
-        generator = torch.Generator(device=llm.device).manual_seed(self.seed)
-        detokenizer = llm.tokenizer.detokenizer()
-        stops = StopMatcher(params.stop)
-        eog = frozenset() if params.ignore_eos else llm.tokenizer.eog_ids
-        history = torch.empty(budget, dtype=torch.long, device=llm.device)  # drawn ids
-        tokens: list[int] = []
-        pieces: list[str] = []
-        stop_reason, matched = "max_tokens", None
-        start = time.perf_counter()
-        first_token_at = start
-
-        def draw(logits: torch.Tensor) -> _Drawn:
-            drawn = len(tokens)
-            token = sample(logits, history[:drawn], params, generator)
-            if params.repetition_penalty != 1.0:
-                history[drawn : drawn + 1].copy_(token)
-            return _Drawn(token)
-
-        with torch.inference_mode():
-            logits = llm.runner.prefill(self.prompt_ids, self._cancelled.is_set)
-            drawn = None if logits is None else draw(logits)
-            while True:
-                if self._cancelled.is_set():
-                    stop_reason = "cancelled"
-                    break
-                # The next step is queued behind the drawn token before the host reads it, so
-                # the GPU decodes while the host detokenizes and streams.
-                ahead = None
-                if len(tokens) + 1 < budget:
-                    ahead = llm.runner.decode(drawn.token, len(self.prompt_ids) + len(tokens))
-                token = drawn.value()
-                if not tokens:
-                    first_token_at = time.perf_counter()
-                if token in eog:
-                    stop_reason = "eos"
-                    break
-                tokens.append(token)
-                text, matched = stops.push(detokenizer.push(token))
-                if text:
-                    pieces.append(text)
-                    yield TextChunk(len(pieces) - 1, text)
-                if matched is not None:
-                    stop_reason = "stop_sequence"
-                    break
-                if len(tokens) == budget:
-                    stop_reason = "max_tokens" if budget == params.max_tokens else "context_length"
-                    break
-                drawn = draw(ahead)
-        if matched is None and stop_reason != "cancelled":
-            text, matched = stops.push(detokenizer.flush())
-            text += stops.flush() if matched is None else ""
-            if matched is not None:
-                stop_reason = "stop_sequence"
-            if text:
-                pieces.append(text)
-                yield TextChunk(len(pieces) - 1, text)
-        end = time.perf_counter()
-        self.result = GenerationResult(
-            prompt_token_ids=self.prompt_ids,
-            token_ids=tokens,
-            text="".join(pieces),
-            seed=self.seed,
-            stop_reason=stop_reason,
-            stop_sequence_matched=matched,
-            prefill_seconds=first_token_at - start,
-            decode_seconds=end - first_token_at,
-        )
+        done, index = False, 0
+        while not done:
+            for output in self.engine.step():
+                if output.seq is not self.seq:
+                    continue
+                if output.text:
+                    yield TextChunk(index, output.text)
+                    index += 1
+                done = output.finished
+        self.result = GenerationResult.of(self.seq)

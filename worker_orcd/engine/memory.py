@@ -13,12 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from worker_orcd.engine.config import EngineConfig
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.layers.quant_linear import QuantWeight
 
-# Activations, logits and allocator slack for a prefill of a few thousand tokens.
+# Activations, logits and allocator slack for a step of a few thousand tokens.
 WORKSPACE_BYTES = 512 << 20
-KV_BYTES_PER_VALUE = 4  # float32 keys and values
+KV_BYTES_PER_VALUE = 2  # float16 keys and values on a GPU
 
 
 class InsufficientVram(RuntimeError):
@@ -45,8 +46,8 @@ class VramPlan:
 
 
 def plan_vram(gguf: GGUFFile, context_length: int) -> VramPlan:
-    """The model's weights (their GGUF bytes), a KV cache of `context_length` positions for
-    every layer, and a fixed workspace."""
+    """The least a model needs: its weights (their GGUF bytes), KV for one sequence of
+    `context_length` positions in every layer, and a fixed workspace."""
     arch = gguf.architecture
     meta = gguf.metadata
     layers = int(meta.get(f"{arch}.block_count", 0))
@@ -66,6 +67,19 @@ def check_fits(plan: VramPlan, device: torch.device, path: Path) -> None:
     free, _ = torch.cuda.mem_get_info(device)
     if plan.total > free:
         raise InsufficientVram(plan, free, device, path)
+
+
+def kv_pool_blocks(model: nn.Module, config: EngineConfig) -> int:
+    """Blocks for the KV pool. On CUDA, what `gpu_memory_utilization` of the GPU leaves after
+    everything allocated so far (the weights) and the workspace; on the CPU, one full context
+    (float32: memory there is the host's, and tests run many small sequences)."""
+    block_bytes = model.kv_block_bytes(config.block_size)
+    device = model.device
+    if device.type != "cuda":
+        return config.blocks_for(config.max_model_len)
+    free, total = torch.cuda.mem_get_info(device)
+    budget = int(total * config.gpu_memory_utilization) - (total - free) - WORKSPACE_BYTES
+    return max(budget // block_bytes, config.blocks_for(config.max_model_len))
 
 
 def model_tensors(model: nn.Module) -> list[torch.Tensor]:

@@ -4,9 +4,14 @@ blocks that hold them. No torch, so that scheduling is tested without a model.""
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum, auto
+from typing import TYPE_CHECKING
 
 from worker_orcd.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from worker_orcd.engine.output import OutputState
 
 _next_id = itertools.count()
 
@@ -23,13 +28,26 @@ class Sequence:
     A preempted sequence keeps its tokens and starts over from a prefix-cache lookup, so
     recomputing it prefills prompt and generated tokens alike."""
 
-    def __init__(self, prompt_ids: list[int], params: SamplingParams):
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        seed: int = 0,
+        output: OutputState | None = None,
+    ):
         if not prompt_ids:
             raise ValueError("the prompt is empty: expected at least one token")
         self.seq_id = next(_next_id)
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
+        self.seed = seed  # token i is drawn from the random stream (seed, i)
+        self.output = output  # the engine's text state, absent in scheduling tests
+        self.max_tokens = params.max_tokens  # the engine caps it to the context
+        self.arrived_at = time.perf_counter()
+        self.scheduled_at: float | None = None  # first scheduled: the end of its queue time
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens the prefix cache supplied at admission

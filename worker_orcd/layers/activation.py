@@ -1,5 +1,4 @@
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from worker_orcd.kernels.fused import silu_mul
@@ -11,4 +10,6 @@ class SiluAndMul(nn.Module):
     def forward(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         if gate.is_cuda:
             return silu_mul(gate, up)
-        return F.silu(gate) * up
+        # Not F.silu: its vectorized and scalar CPU paths round differently, so an element's
+        # result would depend on where it falls in the tensor; exp's agree.
+        return gate / (1.0 + torch.exp(-gate)) * up

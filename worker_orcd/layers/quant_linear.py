@@ -2,9 +2,9 @@
 
 `QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
 keeps a dequantized float32 copy for speed, and the layers below are plain torch: they are the
-reference. On CUDA VRAM holds only the blocks: one token (decode) goes through `quant_gemv`,
-with the RMSNorm before it, its bias, residual, SwiGLU or its q/k/v siblings fused into one
-launch; many tokens (prefill) go through `quant_matmul`.
+reference, batch-invariant through `tiled_linear`. On CUDA VRAM holds only the blocks: one token
+(decode) goes through `quant_gemv`, with the RMSNorm before it, its bias, residual, SwiGLU or
+its q/k/v siblings fused into one launch; many tokens (prefill) go through `quant_matmul`.
 """
 
 from __future__ import annotations
@@ -25,6 +25,17 @@ from worker_orcd.layers.activation import SiluAndMul
 from worker_orcd.layers.norm import RMSNorm
 
 CHUNK_BYTES = 1 << 20  # spec M0-W-1222
+ROW_TILE = 8  # rows per matmul on the CPU
+
+
+def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T as a batch of matmuls of ROW_TILE rows each (the last one padded). BLAS
+    picks its kernel, and so its summation order, by shape: with one shape for every row, a
+    row's result does not depend on how many rows share its step."""
+    rows = x.shape[0]
+    tiles = F.pad(x, (0, 0, 0, -rows % ROW_TILE)).view(-1, ROW_TILE, x.shape[1])
+    out = torch.bmm(tiles, weight.T.expand(tiles.shape[0], -1, -1))
+    return out.view(-1, weight.shape[0])[:rows]
 
 
 def stream_to_device(
@@ -64,6 +75,17 @@ class QuantWeight:
         return dequantize(selected, self.qtype, (*rows.shape, self.shape[-1]))
 
 
+def _stack_dense(parts: list[QuantLinear]) -> torch.Tensor | None:
+    """On the CPU, one float32 matrix of the parts' rows, so that one matmul serves them all;
+    the parts let go of their own copies."""
+    if parts[0]._dense is None:
+        return None
+    dense = torch.cat([p._dense for p in parts])
+    for p in parts:
+        p._dense = None
+    return dense
+
+
 def _fused_norm(norm: RMSNorm | None) -> tuple[torch.Tensor, float] | None:
     return None if norm is None else (norm.weight, norm.eps)
 
@@ -90,7 +112,9 @@ class QuantLinear(nn.Module):
             x = norm(x)
         if self._dense is None:
             return quant_matmul(x, w.blocks, w.qtype, w.shape, self.bias, residual)
-        y = F.linear(x, self._dense, self.bias)
+        y = tiled_linear(x, self._dense)
+        if self.bias is not None:
+            y = y + self.bias
         return y if residual is None else residual + y
 
 
@@ -104,6 +128,8 @@ class QKVLinear(nn.Module):
             for p in self.projections:
                 if p.bias is None:
                     p.bias = torch.zeros(p.weight.shape[0], device=p.weight.blocks.device)
+        self._sizes = [p.weight.shape[0] for p in self.projections]
+        self._dense = _stack_dense(list(self.projections))
 
     def forward(
         self, x: torch.Tensor, norm: RMSNorm | None = None
@@ -114,7 +140,13 @@ class QKVLinear(nn.Module):
             return q, k, v
         if norm is not None:
             x = norm(x)
-        q, k, v = (p(x) for p in self.projections)
+        if self._dense is None:
+            q, k, v = (p(x) for p in self.projections)
+            return q, k, v
+        y = tiled_linear(x, self._dense)
+        if self.projections[0].bias is not None:
+            y = y + torch.cat([p.bias for p in self.projections])
+        q, k, v = y.split(self._sizes, dim=-1)
         return q, k, v
 
 
@@ -126,13 +158,16 @@ class QuantSwiGLU(nn.Module):
         self.gate = gate
         self.up = up
         self.act = SiluAndMul()
+        self._dense = _stack_dense([gate, up])
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         if x.is_cuda and x.shape[0] == 1:
             return gemv_swiglu(x, self.gate.weight, self.up.weight, _fused_norm(norm))
         if norm is not None:
             x = norm(x)
-        return self.act(self.gate(x), self.up(x))
+        if self._dense is None:
+            return self.act(self.gate(x), self.up(x))
+        return self.act(*tiled_linear(x, self._dense).chunk(2, dim=-1))
 
 
 class QuantEmbedding(nn.Module):

@@ -1,60 +1,120 @@
-"""Next-token choice from logits, in the order of spec M0-W-1421.
+"""Next-token choice for a batch of rows, in the order of spec M0-W-1421.
 
 temperature -> repetition penalty -> top-k -> top-p -> min-p -> sample. Temperature 0 is greedy
-(argmax after the penalty). Randomness comes only from the request's own seeded generator, so a
-request's tokens depend on its model, prompt, parameters and seed, and on nothing else.
+(argmax after the penalty). A row is sampled by the Gumbel-max trick: the argmax of its filtered
+logits over the temperature plus Gumbel noise, which draws from their softmax. The noise is a
+counter-based stream: a hash of (seed, token index, vocabulary id), so a row's token depends on
+its own logits, parameters, seed and index, never on the other rows, the batch size or the order
+of requests (SGLang's deterministic sampling works the same way). Every operation is row-wise.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from worker_orcd.sampling_params import SamplingParams
 
-
-def apply_repetition_penalty(logits: torch.Tensor, history: torch.Tensor, penalty: float) -> None:
-    """CTRL-style, in place: seen tokens' positive logits shrink, negative ones grow."""
-    if penalty == 1.0 or history.numel() == 0:
-        return
-    seen = torch.zeros_like(logits, dtype=torch.bool).index_fill_(0, history, True)
-    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits.copy_(torch.where(seen, penalized, logits))
+M32 = 0xFFFFFFFF
 
 
-def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) -> None:
-    """Mask, in place, every token that top-k, top-p or min-p excludes."""
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits.masked_fill_(logits < kth, -torch.inf)
-    if top_p < 1.0:
-        probs, order = logits.softmax(-1).sort(descending=True)
+def _mul32(x: torch.Tensor | int, c: int) -> torch.Tensor | int:
+    """x * c mod 2**32 for x below 2**32, in 16-bit halves so that int64 never overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & M32
+
+
+def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
+    """A 32-bit integer hash (Wellons' lowbias32); the same on ints and int64 tensors."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def stream_key(seed: int, index: int) -> int:
+    """The random stream of a request's `index`-th generated token: a function of both alone."""
+    return mix32(mix32(mix32(seed & M32) ^ (seed >> 32 & M32)) ^ (index & M32))
+
+
+def gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """(rows, vocab) float32 Gumbel noise, each element a hash of its row's key and its id."""
+    ids = mix32(torch.arange(vocab_size, device=keys.device, dtype=torch.long))
+    bits = mix32(keys[:, None] ^ ids[None, :]) >> 8  # 24 random bits
+    uniform = (bits.float() + 0.5) * 2.0**-24  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+class SamplingBatch:
+    """Per-row parameters as tensors, built once per step from each row's request."""
+
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        seeds: Sequence[int],
+        indices: Sequence[int],
+        histories: Sequence[Sequence[int]],
+        device: torch.device,
+    ):
+        def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype).to(device)[:, None]
+
+        self.greedy = all(p.temperature == 0.0 for p in params)
+        self.temperatures = column([p.temperature for p in params])
+        self.penalties = column([p.repetition_penalty for p in params])
+        self.top_k = column([p.top_k for p in params], torch.long)
+        self.top_p = column([p.top_p for p in params])
+        self.min_p = column([p.min_p for p in params])
+        self.keys = torch.tensor([stream_key(s, i) for s, i in zip(seeds, indices, strict=True)])
+        self.keys = self.keys.to(device)
+        self.seen = None  # (rows, 1 + longest history) of ids; -1 pads
+        if any(p.repetition_penalty != 1.0 for p in params):
+            width = 1 + max(len(h) for h in histories)
+            padded = [list(h) + [-1] * (width - len(h)) for h in histories]
+            self.seen = torch.tensor(padded, dtype=torch.long).to(device)
+
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalties: torch.Tensor
+) -> torch.Tensor:
+    """CTRL-style: the seen ids' positive logits shrink, negative ones grow (rows, vocab)."""
+    mask = torch.zeros(logits.shape[0], logits.shape[1] + 1, dtype=torch.bool, device=seen.device)
+    mask.scatter_(1, seen.where(seen >= 0, logits.shape[1]), True)  # pads land in a spare column
+    penalized = torch.where(logits > 0, logits / penalties, logits * penalties)
+    return torch.where(mask[:, :-1], penalized, logits)
+
+
+def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Mask every token that top-k, top-p or min-p excludes, each row by its own parameters."""
+    k_max = int(batch.top_k.max())
+    if k_max > 0:
+        k_max = min(k_max, logits.shape[1])
+        values = torch.topk(logits, k_max, dim=-1).values
+        kth = values.gather(1, (batch.top_k.clamp(1, k_max) - 1))
+        logits = logits.masked_fill((batch.top_k > 0) & (logits < kth), -torch.inf)
+    if bool((batch.top_p < 1.0).any()):
+        probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
         mass_before = probs.cumsum(-1) - probs  # keeps at least the top token
         excluded = torch.empty_like(logits, dtype=torch.bool).scatter_(
-            0, order, mass_before >= top_p
+            1, order, mass_before >= batch.top_p
         )
-        logits.masked_fill_(excluded, -torch.inf)
-    if min_p > 0.0:
+        logits = logits.masked_fill(excluded & (batch.top_p < 1.0), -torch.inf)
+    if bool((batch.min_p > 0.0).any()):
         probs = logits.softmax(-1)
-        logits.masked_fill_(probs < min_p * probs.max(), -torch.inf)
+        logits = logits.masked_fill(probs < batch.min_p * probs.amax(-1, keepdim=True), -torch.inf)
+    return logits
 
 
-def sample(
-    logits: torch.Tensor, history: torch.Tensor, params: SamplingParams, generator: torch.Generator
-) -> torch.Tensor:
-    """One token id from the float32 `logits` (vocab,); `history` holds the generated ids.
-
-    Returns the id as a one-element tensor on the logits' device, computed without waiting for
-    the device, so that the caller can queue the next step before it reads the id."""
-    if params.temperature == 0.0 and params.repetition_penalty == 1.0:
-        return logits.argmax().view(1)
-    logits = logits.float().clone()
-    if params.temperature == 0.0:
-        apply_repetition_penalty(logits, history, params.repetition_penalty)
-        return logits.argmax().view(1)
-    if params.temperature != 1.0:
-        logits /= params.temperature
-    apply_repetition_penalty(logits, history, params.repetition_penalty)
-    filter_logits(logits, params.top_k, params.top_p, params.min_p)
-    cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(1, generator=generator, device=logits.device) * cdf[-1]
-    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.numel() - 1)
+def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Token ids (rows,) from float32 `logits` (rows, vocab), on the logits' device, computed
+    without waiting for it, so that the caller can queue the next step before it reads them."""
+    logits = logits.float()
+    if batch.seen is not None:
+        logits = apply_repetition_penalty(logits, batch.seen, batch.penalties)
+    if batch.greedy:
+        return logits.argmax(-1)
+    greedy = batch.temperatures == 0.0
+    scaled = logits / torch.where(greedy, 1.0, batch.temperatures)
+    noisy = filter_logits(scaled, batch) + gumbel_noise(batch.keys, logits.shape[1])
+    return torch.where(greedy[:, 0], logits.argmax(-1), noisy.argmax(-1))

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from worker_orcd.engine.forward_batch import ForwardBatch
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.layers.attention import Attention, KVCache
 from worker_orcd.layers.norm import RMSNorm
@@ -82,12 +83,12 @@ class LlamaAttention(nn.Module):
         self.attn = Attention(index, config.num_heads, config.num_kv_heads, config.head_dim, rotary)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, start: int, cache: KVCache, norm: RMSNorm
+        self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache, norm: RMSNorm
     ) -> torch.Tensor:
         """x + attention(norm(x)): the norm rides in the q/k/v projections, the residual add
         in the output projection."""
         q, k, v = self.qkv_proj(x, norm)
-        return self.o_proj(self.attn(q, k, v, positions, start, cache), residual=x)
+        return self.o_proj(self.attn(q, k, v, batch, cache), residual=x)
 
 
 class LlamaMLP(nn.Module):
@@ -115,10 +116,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_norm = RMSNorm(weights.vector(f"blk.{index}.ffn_norm.weight"), eps)
         self.mlp = LlamaMLP(index, weights)
 
-    def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, start: int, cache: KVCache
-    ) -> torch.Tensor:
-        x = self.self_attn(x, positions, start, cache, self.input_norm)
+    def forward(self, x: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        x = self.self_attn(x, batch, cache, self.input_norm)
         return self.mlp(x, self.post_attention_norm)
 
 
@@ -141,19 +140,23 @@ class LlamaForCausalLM(nn.Module):
         has_head = weights.has("output.weight")
         self.lm_head = QuantLinear(weights.quant("output.weight") if has_head else embedding)
 
-    def new_kv_cache(self, max_positions: int) -> KVCache:
+    def kv_block_bytes(self, block_size: int) -> int:
         c = self.config
-        return KVCache(c.num_layers, max_positions, c.num_kv_heads, c.head_dim, self.device)
+        return KVCache.bytes_per_block(
+            c.num_layers, block_size, c.num_kv_heads, c.head_dim, self.device
+        )
 
-    def forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: int = 0
-    ) -> torch.Tensor:
-        """Hidden states (before the final norm) for `ids` at `positions`, which are
-        `start, start + 1, ...`: a device tensor for the kernels, a host int for slicing the
-        cache (reading it from the tensor would stall the GPU once per layer)."""
-        x = self.embed_tokens(ids)
+    def new_kv_cache(self, num_blocks: int, block_size: int) -> KVCache:
+        c = self.config
+        return KVCache(
+            c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, self.device
+        )
+
+    def forward(self, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
+        """Hidden states (before the final norm) of the batch's tokens."""
+        x = self.embed_tokens(batch.input_ids)
         for layer in self.layers:
-            x = layer(x, positions, start, cache)
+            x = layer(x, batch, cache)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

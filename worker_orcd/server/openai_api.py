@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from starlette.concurrency import run_in_threadpool
 
 from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
-from worker_orcd.engine.llm import GenerationResult
+from worker_orcd.engine.output import GenerationResult
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.server.body import JSONRoute
 from worker_orcd.server.errors import OPENAI_ERRORS, ApiError
