@@ -83,13 +83,15 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
 
 
 def last_logits(llm: LLM, prompt: list[int]) -> torch.Tensor:
-    """The logits after `prompt` (at most one step's tokens), through the engine's own scheduler
-    and runner; its full blocks stay in the prefix cache for the next, longer prompt."""
+    """The logits after `prompt`, through the engine's own scheduler and runner, chunk by
+    chunk; its full blocks stay in the prefix cache for the next, longer prompt."""
     core = llm.engine
     seq = core.add(prompt, SamplingParams(max_tokens=1))
-    output = core.scheduler.schedule()
-    _, logits = core.runner.logits(list(output.chunks))
-    core.scheduler.update(output)
+    logits = None
+    while logits is None:
+        output = core.scheduler.schedule()
+        _, logits = core.runner.logits(list(output.chunks))
+        core.scheduler.update(output)
     core.abort(seq)
     return logits[0].float().cpu()
 

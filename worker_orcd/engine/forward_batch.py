@@ -14,6 +14,8 @@ import torch
 
 from worker_orcd.engine.scheduler import ScheduledChunk
 
+QUERY_TILE = 16  # attention takes a sequence's query tokens this many at a time
+
 
 @dataclass(frozen=True)
 class ForwardBatch:
@@ -26,6 +28,12 @@ class ForwardBatch:
     tables: list[list[int]]  # host block tables
     block_size: int
     logits_indices: torch.Tensor  # (sampled,): the rows whose next token is drawn
+    # The attention kernel's work list: tile i is rows tile_starts[i].. of sequence tile_seqs[i].
+    tile_seqs: torch.Tensor
+    tile_starts: torch.Tensor
+    query_starts_device: torch.Tensor
+    context_lens_device: torch.Tensor
+    query_tile: int = QUERY_TILE
 
     @classmethod
     def build(
@@ -47,6 +55,11 @@ class ForwardBatch:
             tables.append(list(table))
             if chunk.samples:
                 sampled.append(starts[-1] - 1)
+        tile_seqs, tile_starts = [], []
+        for i in range(len(chunks)):
+            for row in range(starts[i], starts[i + 1], QUERY_TILE):
+                tile_seqs.append(i)
+                tile_starts.append(row)
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
 
@@ -63,6 +76,10 @@ class ForwardBatch:
             tables=tables,
             block_size=block_size,
             logits_indices=tensor(sampled),
+            tile_seqs=tensor(tile_seqs),
+            tile_starts=tensor(tile_starts),
+            query_starts_device=tensor(starts),
+            context_lens_device=tensor(lens),
         )
 
     @property

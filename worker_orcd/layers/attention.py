@@ -1,7 +1,8 @@
 """Rotary grouped-query attention over a paged KV cache.
 
 Each token's k and v go to its slot in one pool of blocks (`ForwardBatch.slot_mapping`); each
-sequence then attends over its own blocks. `paged_attention` is batch-invariant by construction:
+sequence then attends over its own blocks: on CUDA in `kernels/paged_attention.py`, on the CPU
+in `paged_attention`, its reference. `paged_attention` is batch-invariant by construction:
 a query's result depends on its values, its position and the cache up to that position alone,
 never on which other queries share its step (other sequences, or the rest of its prefill chunk).
 Queries go in tiles of `QUERY_TILE` rows; keys in splits of `KV_SPLIT` positions that start at
@@ -16,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from worker_orcd.engine.forward_batch import ForwardBatch
+from worker_orcd.engine.forward_batch import QUERY_TILE, ForwardBatch
+from worker_orcd.kernels.paged_attention import paged_attention_kernel
 from worker_orcd.layers.rotary import RotaryEmbedding
 
-QUERY_TILE = 16
 KV_SPLIT = 256
 
 
@@ -143,4 +144,5 @@ class Attention(nn.Module):
         k = self.rotary(k.view(tokens, -1, self.head_dim), batch.positions)
         keys.index_copy_(0, batch.slot_mapping, k.to(keys.dtype))
         values.index_copy_(0, batch.slot_mapping, v.view(tokens, -1, self.head_dim).to(keys.dtype))
-        return paged_attention(q, keys, values, batch, self.scale).reshape(tokens, -1)
+        attend = paged_attention_kernel if q.is_cuda else paged_attention
+        return attend(q, keys, values, batch, self.scale).reshape(tokens, -1)

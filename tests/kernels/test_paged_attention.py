@@ -1,0 +1,71 @@
+"""The paged attention kernel against its torch reference, through Triton's interpreter on the
+CPU: prefill chunks over cached prefixes, decode tokens, GQA groups that are not powers of two,
+a head size that is not one either; and batch invariance, bit for bit."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from worker_orcd.engine.forward_batch import ForwardBatch
+from worker_orcd.engine.scheduler import ScheduledChunk
+from worker_orcd.engine.sequence import Sequence
+from worker_orcd.kernels.paged_attention import paged_attention_kernel
+from worker_orcd.layers.attention import paged_attention
+from worker_orcd.sampling_params import SamplingParams
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+BLOCK = 16
+
+
+def scene(heads, kv_heads, dim, spans, seed=0):
+    """A shuffled pool holding each sequence's keys up to its span's end, and the q rows."""
+    generator = torch.Generator().manual_seed(seed)
+    pool_blocks = 64
+    keys = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
+    values = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
+    free = list(range(pool_blocks))
+    random.Random(seed).shuffle(free)
+    chunks = []
+    for start, count in spans:
+        seq = Sequence(list(range(start + count)), SamplingParams())
+        seq.block_table = [free.pop() for _ in range(-(-(start + count) // BLOCK))]
+        chunks.append(ScheduledChunk(seq, start, count, True))
+    batch = ForwardBatch.build(chunks, BLOCK, torch.device(DEVICE))
+    q = torch.randn(sum(c for _, c in spans), heads, dim, generator=generator)
+    return q.to(DEVICE), keys.to(DEVICE), values.to(DEVICE), batch
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 16), (7, 1, 16), (4, 4, 24)])
+def test_the_kernel_matches_the_reference(heads, kv_heads, dim):
+    spans = [(0, 21), (40, 1), (3, 17), (70, 2)]  # (cached positions, new tokens)
+    q, keys, values, batch = scene(heads, kv_heads, dim, spans)
+    expected = paged_attention(q.cpu(), keys.cpu(), values.cpu(), _on_cpu(batch), dim**-0.5)
+    out = paged_attention_kernel(q, keys, values, batch, dim**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-5, rtol=1e-4)
+
+
+def test_a_row_is_the_same_alone_and_in_any_tile():
+    spans = [(0, 37)]
+    q, keys, values, batch = scene(6, 2, 16, spans, seed=3)
+    whole = paged_attention_kernel(q, keys, values, batch, 0.25)
+    # the same sequence as a decode token at position 30, and as a chunk 20..36
+    seq = batch_seq(batch, spans)
+    for start, count in [(30, 1), (20, 17)]:
+        part = ForwardBatch.build([ScheduledChunk(seq, start, count, True)], BLOCK, q.device)
+        out = paged_attention_kernel(q[start : start + count], keys, values, part, 0.25)
+        assert torch.equal(out, whole[start : start + count])
+
+
+def batch_seq(batch: ForwardBatch, spans) -> Sequence:
+    seq = Sequence(list(range(sum(spans[0]))), SamplingParams())
+    seq.block_table = batch.tables[0]
+    return seq
+
+
+def _on_cpu(batch: ForwardBatch) -> ForwardBatch:
+    fields = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in vars(batch).items()}
+    return ForwardBatch(**fields)
