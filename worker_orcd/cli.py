@@ -103,6 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
         device=args.device,
         callback_url=args.callback_url,
         ctx_size=args.ctx_size,
+        max_num_seqs=args.max_num_seqs,
+        max_queued=args.max_queued,
+        gpu_memory_utilization=args.gpu_memory_utilization,
         shutdown_timeout=args.shutdown_timeout,
         limits=HttpLimits(read_timeout=args.http_timeout, max_connections=args.max_connections),
     )
@@ -211,6 +214,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
     )
     serve.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    serve.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="sequences decoded together in one batch (default %(default)s)",
+    )
+    serve.add_argument(
+        "--max-queued",
+        type=int,
+        default=1024,
+        help="jobs waiting to start; the next one gets 503 QUEUE_FULL (default %(default)s)",
+    )
+    serve.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=0.90,
+        help="share of the GPU's memory for weights, activations and the KV cache "
+        "(default %(default)s)",
+    )
     serve.add_argument(
         "--shutdown-timeout",
         type=float,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -46,3 +48,36 @@ def test_every_model_tensor_is_found_for_the_residency_check(smollm2_path: Path)
     )
     assert resident(llm.model, torch.device("cpu"))
     assert not resident(llm.model, torch.device("meta"))
+
+
+PEAK_SCRIPT = """
+import resource, sys
+from worker_orcd.engine.llm import LLM
+from worker_orcd.sampling_params import SamplingParams
+llm = LLM.load(sys.argv[1], "cpu")
+with open("/proc/self/statm") as statm:
+    loaded = int(statm.read().split()[1]) * resource.getpagesize()
+text = " ".join(f"w{n % 97}" for n in range(llm.context_length))
+ids = llm.tokenizer.encode(text)[: llm.context_length - 1]
+result = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=1))[0]
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(loaded, peak, len(ids), result.stop_reason)
+"""
+
+
+def test_a_prompt_at_the_context_limit_peaks_within_1_gib_of_the_loaded_model(smollm2_path):
+    """Chunked prefill bounds activations: the whole context costs its KV pool, which the
+    loaded model already holds, plus one chunk's work."""
+    out = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(smollm2_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    ).stdout.split()
+    loaded, peak, prompt_tokens = (int(value) for value in out[:3])
+    print(
+        f"\nloaded {loaded / 2**30:.2f} GiB, peak {peak / 2**30:.2f} GiB at {prompt_tokens} tokens"
+    )
+    assert prompt_tokens == 8191 and out[3] == "max_tokens"
+    assert peak - loaded < 1 << 30

@@ -26,6 +26,9 @@ HEALTH_TYPES = {
     "context_length": int,
     "device": str,
     "uptime_seconds": int,
+    "running": int,
+    "waiting": int,
+    "kv_cache_usage": float,
 }
 HEALTH_VALUES = {
     "status": "healthy",

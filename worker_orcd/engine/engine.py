@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,15 @@ SHUTDOWN_DEADLINE = Failed(
 )
 
 
+@dataclass(frozen=True)
+class EngineStats:
+    running: int  # sequences in the batch
+    waiting: int  # queued or preempted
+    kv_cache_usage: float  # share of the pool's blocks held
+    preemptions: int
+    hits: int  # prompt tokens the prefix cache supplied
+
+
 class JobRejected(Exception):
     """A job the engine will not accept; nothing was queued."""
 
@@ -82,6 +92,8 @@ class Job:
         self.params = params
         self.context = context  # the caller's, for listeners (say, a correlation id for logs)
         self.done = False
+        self.started = False
+        self.accepted_at = time.perf_counter()
         self.seq: Sequence | None = None  # once the engine thread has taken the job
         self.ending: Failed | None = None  # a cancel's terminal event, once asked for
         self._tokens = 0
@@ -104,10 +116,14 @@ Listener = Callable[[Job, Event], None]
 
 
 class Engine:
-    def __init__(self, llm: LLM, listener: Listener | None = None):
+    """`max_queued` caps the jobs accepted but not yet started; past it, `submit` refuses with
+    QUEUE_FULL (a 503 to retry later). Listeners see every event of every job, in order."""
+
+    def __init__(self, llm: LLM, listeners: Iterable[Listener] = (), max_queued: int = 1024):
         self.llm = llm
+        self.max_queued = max_queued
         self._core = llm.engine
-        self._listener = listener or (lambda job, event: None)
+        self._listeners = tuple(listeners)
         self._jobs: dict[str, Job] = {}  # accepted and not yet ended, by id
         self._by_seq: dict[int, Job] = {}  # the engine thread's: sequence id to job
         self._inbox: list[Job] = []  # accepted, not yet taken by the engine thread
@@ -121,6 +137,17 @@ class Engine:
     @property
     def accepting(self) -> bool:
         return self._accepting
+
+    def stats(self) -> EngineStats:
+        """The engine's state, read from any thread (the figures may be a step old)."""
+        scheduler = self._core.scheduler
+        return EngineStats(
+            running=len(scheduler.running),
+            waiting=len(scheduler.waiting) + len(self._inbox),
+            kv_cache_usage=scheduler.block_manager.usage,
+            preemptions=scheduler.num_preemptions,
+            hits=scheduler.num_cached_tokens,
+        )
 
     def submit(
         self,
@@ -143,6 +170,10 @@ class Engine:
             if job_id in self._jobs:
                 raise JobRejected(
                     "DUPLICATE_JOB_ID", f"job {job_id!r} is already queued or running"
+                )
+            if sum(not j.started for j in self._jobs.values()) >= self.max_queued:
+                raise JobRejected(
+                    "QUEUE_FULL", f"{self.max_queued} jobs are already queued: retry later"
                 )
             self._jobs[job_id] = job
             self._inbox.append(job)
@@ -226,6 +257,7 @@ class Engine:
     def _deliver(self, output: StepOutput) -> None:
         job = self._by_seq[output.seq.seq_id]
         if output.started:
+            job.started = True
             self._send(job, Started(job.params.seed, len(job.prompt_ids)))
         if output.text:
             self._send(job, Token(job._tokens, output.text))
@@ -265,5 +297,6 @@ class Engine:
             # same job_id must not race the engine thread into a 409.
             job.done = True
             self._release(job)
-        self._listener(job, event)
+        for listener in self._listeners:
+            listener(job, event)
         job._emit(event)

@@ -60,8 +60,10 @@ class GenerationResult:
     seed: int
     stop_reason: str  # "eos", "max_tokens", "stop_sequence", "context_length" or "cancelled"
     stop_sequence_matched: str | None
+    queue_seconds: float  # from accepted to its first step
     prefill_seconds: float  # from its first step to its first token
     decode_seconds: float  # for the tokens after the first
+    cached_tokens: int  # prompt tokens the prefix cache supplied
 
     @classmethod
     def of(cls, seq: Sequence) -> GenerationResult:
@@ -77,8 +79,10 @@ class GenerationResult:
             seed=seq.seed,
             stop_reason=output.stop_reason,
             stop_sequence_matched=output.stop_matched,
+            queue_seconds=started - seq.arrived_at,
             prefill_seconds=first - started,
             decode_seconds=(seq.finished_at or first) - first,
+            cached_tokens=seq.num_cached_tokens,
         )
 
     @property

@@ -49,6 +49,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in the order admitted
         self.num_preemptions = 0
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache, all told
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -92,6 +93,7 @@ class Scheduler:
             if not manager.can_allocate(seq, cached + num_tokens, prefix):
                 break
             manager.allocate(seq, cached + num_tokens, prefix)
+            self.num_cached_tokens += cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

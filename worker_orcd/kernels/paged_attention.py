@@ -50,7 +50,8 @@ def _paged_attention_kernel(
         other=0.0,
     ).to(tl.float32)
 
-    last = context - (query_end - tl.minimum(first + TILE, query_end))  # the tile's last position
+    # the tile's last row's position: the keys it reads end there
+    last = context - 1 - (query_end - tl.minimum(first + TILE, query_end))
     best = tl.full((GROUP_PAD * TILE,), float("-inf"), tl.float32)
     total = tl.zeros((GROUP_PAD * TILE,), tl.float32)
     acc = tl.zeros((GROUP_PAD * TILE, DIM_PAD), tl.float32)

@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,11 +27,14 @@ from worker_orcd.server.connections import HttpLimits
 from worker_orcd.server.errors import (
     M0_BODY_ERRORS,
     M0_ERRORS,
+    STATUS_BY_CODE,
     ApiError,
     error_response,
     is_openai,
     m0_error,
 )
+from worker_orcd.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from worker_orcd.server.metrics import Metrics
 from worker_orcd.server.middleware import WorkerMiddleware
 from worker_orcd.server.narration import Narrator, prompt_digest
 from worker_orcd.server.schemas import (
@@ -45,14 +48,13 @@ from worker_orcd.server.schemas import (
 )
 from worker_orcd.server.streaming import event_stream
 
-REJECTION_STATUS = {"DUPLICATE_JOB_ID": 409, "SHUTTING_DOWN": 503, "INVALID_REQUEST": 400}
-
 
 @dataclass
 class Worker:
     """What the HTTP layer knows of the loaded worker; `/health` answers from it alone."""
 
     engine: Engine
+    metrics: Metrics
     narrate: Narrator
     model_name: str
     device: str
@@ -66,6 +68,7 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         llm = self.engine.llm
+        stats = self.engine.stats()
         return {
             "status": "draining" if self.draining else "healthy" if self.healthy else "unhealthy",
             "model": self.model_name,
@@ -77,6 +80,9 @@ class Worker:
             "context_length": llm.context_length,
             "device": self.device,
             "uptime_seconds": int(time.monotonic() - self.started),
+            "running": stats.running,
+            "waiting": stats.waiting,
+            "kv_cache_usage": round(stats.kv_cache_usage, 4),
         }
 
 
@@ -225,7 +231,7 @@ def create_app(worker: Worker, limits: HttpLimits | None = None) -> FastAPI:
         try:
             job = worker.engine.submit(body.job_id, prompt_ids, params, context)
         except JobRejected as rejected:
-            status = REJECTION_STATUS[rejected.code]
+            status = STATUS_BY_CODE[rejected.code]
             return m0_error(status, rejected.code, str(rejected), retriable=status == 503)
         return event_stream(worker.engine, job, execute_events(worker, job))
 
@@ -233,6 +239,11 @@ def create_app(worker: Worker, limits: HttpLimits | None = None) -> FastAPI:
     async def health() -> dict[str, Any]:
         """The worker's state, from cached values only (no GPU calls)."""
         return worker.health()
+
+    @app.get("/metrics", response_class=PlainTextResponse, responses=M0_ERRORS)
+    async def metrics() -> Response:
+        """Prometheus metrics in the text exposition format."""
+        return Response(worker.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
     @app.post("/cancel", status_code=202, responses=M0_BODY_ERRORS)
     async def cancel(body: CancelRequest) -> dict[str, Any]:

@@ -18,6 +18,17 @@ from worker_orcd.server.schemas import ErrorBody, ValidationErrorBody
 RETRY_AFTER_SECONDS = 5  # M0-W-1630's shutdown budget: a replacement worker is up by then
 
 
+# Engine codes (refusals and failures) -> HTTP status. 499 (client closed request) for a
+# cancelled job: it is not the server's fault and must not be a 5xx, which clients retry.
+STATUS_BY_CODE = {
+    "INVALID_REQUEST": 400,
+    "DUPLICATE_JOB_ID": 409,
+    "CANCELLED": 499,
+    "SHUTTING_DOWN": 503,
+    "QUEUE_FULL": 503,
+}
+
+
 def headers_for(status: int) -> dict[str, str] | None:
     return {"Retry-After": str(RETRY_AFTER_SECONDS)} if status == 503 else None
 

@@ -28,6 +28,7 @@ from gguf import GGMLQuantizationType, LlamaFileType
 from sse_starlette.sse import AppStatus
 
 from worker_orcd import model_store
+from worker_orcd.engine.config import EngineConfig
 from worker_orcd.engine.engine import Engine, Event, Failed, Finished, Job, Started
 from worker_orcd.engine.llm import DEFAULT_MAX_CONTEXT, LLM, resolve_device
 from worker_orcd.engine.memory import InsufficientVram, resident, vram_bytes_used
@@ -35,6 +36,7 @@ from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.server.app import Worker, create_app
 from worker_orcd.server.connections import GuardedProtocol, HttpLimits
+from worker_orcd.server.metrics import Metrics
 from worker_orcd.server.narration import Narrator, capture_stderr
 from worker_orcd.tokenizer import TokenizerError
 
@@ -60,6 +62,9 @@ class ServeOptions:
     device: str = "auto"
     callback_url: str | None = None
     ctx_size: int = DEFAULT_MAX_CONTEXT
+    max_num_seqs: int = EngineConfig.max_num_seqs
+    max_queued: int = EngineConfig.max_queued
+    gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
     limits: HttpLimits = field(default_factory=HttpLimits)
     residency_interval: float = 60.0  # seconds between residency checks (M0-W-1012)
@@ -74,7 +79,7 @@ def quant_kind(gguf: GGUFFile) -> str:
     return max(set(matrices), key=matrices.count, default=GGMLQuantizationType.F32).name
 
 
-def job_narration(narrate: Narrator) -> Callable[[Job, Event], None]:
+def job_narration(narrate: Narrator, vram_bytes: Callable[[], int]) -> Callable[[Job, Event], None]:
     def listen(job: Job, event: Event) -> None:
         fields = {"job_id": job.job_id, "correlation_id": job.context.get("correlation_id")}
         match event:
@@ -89,10 +94,16 @@ def job_narration(narrate: Narrator) -> Callable[[Job, Event], None]:
                     **fields,
                 )
             case Finished(result=result):
-                narrate(
+                narrate(  # with spec M0-W-1901's performance fields
                     "execute_end",
                     outcome="completed",
+                    tokens_in=len(result.prompt_token_ids),
                     tokens_out=len(result.token_ids),
+                    cached_tokens=result.cached_tokens,
+                    queue_ms=round(1000 * result.queue_seconds),
+                    first_token_ms=round(1000 * (result.queue_seconds + result.prefill_seconds)),
+                    decode_time_ms=round(1000 * result.decode_seconds),
+                    vram_bytes=vram_bytes(),
                     stop_reason=result.stop_reason,
                     **fields,
                 )
@@ -226,14 +237,21 @@ def serve(options: ServeOptions) -> int:
             device,
             progress=lambda percent: narrate("model_load_progress", percent=percent),
             max_context=options.ctx_size,
+            max_num_seqs=options.max_num_seqs,
+            gpu_memory_utilization=options.gpu_memory_utilization,
         )
     except InsufficientVram as error:
         return fail(narrate, "INSUFFICIENT_VRAM", f"{error} (code: INSUFFICIENT_VRAM)")
     except LOAD_ERRORS as error:
         line = f"Model load failed: {error} (code: MODEL_LOAD_FAILED, model: {options.model})"
         return fail(narrate, "MODEL_LOAD_FAILED", line)
+    # The listeners and the metrics read `engine` and `worker` once jobs run, after both exist.
+    metrics = Metrics(lambda: engine.stats(), lambda: worker.vram_bytes_used)
+    listeners = [job_narration(narrate, lambda: worker.vram_bytes_used), metrics.observe]
+    engine = Engine(llm, listeners, options.max_queued)
     worker = Worker(
-        engine=Engine(llm, job_narration(narrate)),
+        engine=engine,
+        metrics=metrics,
         narrate=narrate,
         model_name=options.model if options.model in model_store.CATALOG else path.stem,
         device=str(device),
@@ -248,6 +266,15 @@ def serve(options: ServeOptions) -> int:
         quant_kind=worker.quant_kind,
         architecture=gguf.architecture,
         vram_bytes=worker.vram_bytes_used,
+    )
+    pool = llm.engine
+    narrate(  # what the KV pool holds: how many full-context sequences fit at once
+        "kv_cache",
+        blocks=pool.num_blocks,
+        block_size=llm.config.block_size,
+        tokens=pool.max_tokens_in_pool,
+        max_full_context_sequences=pool.max_tokens_in_pool // llm.context_length,
+        max_num_seqs=llm.config.max_num_seqs,
     )
     try:
         listener = socket.create_server((options.host, options.port))

@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from worker_orcd.engine.engine import Engine, Event, Failed, Finished, Job, Started, Token
+from worker_orcd.engine.engine import EngineStats, Event, Failed, Finished, Job, Started, Token
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.2, 2.5, 5, 10, 20, 40, 80)
@@ -25,14 +25,23 @@ MS_BUCKETS = tuple(1000 * b for b in LATENCY_BUCKETS)
 class _EngineCollector(Collector):
     """The engine's and device's state, read at scrape time."""
 
-    def __init__(self, engine: Engine, vram_bytes: Callable[[], int], started_at: float):
-        self.engine, self.vram_bytes, self.started_at = engine, vram_bytes, started_at
+    def __init__(self, stats: Callable[[], EngineStats], vram_bytes: Callable[[], int]):
+        self.stats, self.vram_bytes = stats, vram_bytes
+        self.started_at = time.monotonic()
+
+    def describe(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        """The families without reading the engine, which may not exist yet at registration."""
+        return self._families(EngineStats(0, 0, 0.0, 0, 0), 0)
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
-        stats = self.engine.stats()
+        return self._families(self.stats(), self.vram_bytes())
+
+    def _families(
+        self, stats: EngineStats, vram_bytes: int
+    ) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         gauges = [
             ("worker_uptime_seconds", "seconds since the worker started", self._uptime()),
-            ("worker_vram_bytes", "GPU memory in use (0 on the CPU)", self.vram_bytes()),
+            ("worker_vram_bytes", "GPU memory in use (0 on the CPU)", vram_bytes),
             ("worker_num_requests_running", "sequences in the batch", stats.running),
             ("worker_num_requests_waiting", "sequences queued or preempted", stats.waiting),
             ("worker_kv_cache_usage_ratio", "share of KV blocks held", stats.kv_cache_usage),
@@ -51,9 +60,11 @@ class _EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine: Engine, vram_bytes: Callable[[], int]):
+    """`stats` and `vram_bytes` are read at each scrape."""
+
+    def __init__(self, stats: Callable[[], EngineStats], vram_bytes: Callable[[], int]):
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineCollector(engine, vram_bytes, time.monotonic()))
+        self.registry.register(_EngineCollector(stats, vram_bytes))
 
         def counter(name: str, help_text: str, labels: tuple[str, ...] = ()) -> Counter:
             return Counter(name, help_text, labels, registry=self.registry)

@@ -27,7 +27,7 @@ from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected
 from worker_orcd.engine.output import GenerationResult
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.server.body import JSONRoute
-from worker_orcd.server.errors import OPENAI_ERRORS, ApiError
+from worker_orcd.server.errors import OPENAI_ERRORS, STATUS_BY_CODE, ApiError
 from worker_orcd.server.narration import prompt_digest
 from worker_orcd.server.schemas import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS
 from worker_orcd.server.streaming import event_stream
@@ -37,14 +37,6 @@ if TYPE_CHECKING:
     from worker_orcd.server.app import Worker
 
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default for /v1/completions
-# Engine failure codes -> HTTP status. 499 (client closed request) for a cancelled job: it is
-# not the server's fault and must not be a 5xx, which the openai client would retry.
-FAILURE_STATUS = {
-    "INVALID_REQUEST": 400,
-    "DUPLICATE_JOB_ID": 409,
-    "CANCELLED": 499,
-    "SHUTTING_DOWN": 503,
-}
 FINISH_REASONS = {
     "eos": "stop",
     "stop_sequence": "stop",
@@ -308,7 +300,7 @@ def usage(result: GenerationResult) -> dict[str, int]:
 
 
 def failure(event: Failed) -> ApiError:
-    return ApiError(FAILURE_STATUS.get(event.code, 500), event.message, code=event.code)
+    return ApiError(STATUS_BY_CODE.get(event.code, 500), event.message, code=event.code)
 
 
 async def cancel_on_disconnect(request: Request, engine: Engine, job: Job) -> None:
@@ -398,7 +390,7 @@ async def answer(
         try:
             job = engine.submit(job_id, ids, params, context)
         except JobRejected as rejected:
-            status = FAILURE_STATUS.get(rejected.code, 500)
+            status = STATUS_BY_CODE.get(rejected.code, 500)
             raise ApiError(status, str(rejected), code=rejected.code) from None
         head = {"id": job_id, "created": int(time.time()), "model": worker.model_name}
         if body.stream:
