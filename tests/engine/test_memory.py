@@ -51,23 +51,27 @@ def test_every_model_tensor_is_found_for_the_residency_check(smollm2_path: Path)
 
 
 PEAK_SCRIPT = """
-import resource, sys
+import sys
 from worker_orcd.engine.llm import LLM
 from worker_orcd.sampling_params import SamplingParams
+
+def status(field):  # kB in /proc/self/status; VmHWM is this process's own peak
+    with open("/proc/self/status") as lines:
+        return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(field + ":"))
+
 llm = LLM.load(sys.argv[1], "cpu")
-with open("/proc/self/statm") as statm:
-    loaded = int(statm.read().split()[1]) * resource.getpagesize()
+loaded = status("VmRSS")
 text = " ".join(f"w{n % 97}" for n in range(llm.context_length))
 ids = llm.tokenizer.encode(text)[: llm.context_length - 1]
 result = llm.generate([ids], SamplingParams(temperature=0.0, max_tokens=1))[0]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(loaded, peak, len(ids), result.stop_reason)
+print(loaded, status("VmHWM"), len(ids), result.stop_reason)
 """
 
 
 def test_a_prompt_at_the_context_limit_peaks_within_1_gib_of_the_loaded_model(smollm2_path):
     """Chunked prefill bounds activations: the whole context costs its KV pool, which the
-    loaded model already holds, plus one chunk's work."""
+    loaded model already holds, plus one chunk's work. The peak is the child's own VmHWM:
+    getrusage's ru_maxrss would carry the parent's peak over the exec."""
     out = subprocess.run(
         [sys.executable, "-c", PEAK_SCRIPT, str(smollm2_path)],
         capture_output=True,
