@@ -10,7 +10,6 @@ Cancels and new jobs reach it through a lock-guarded inbox, read between two ste
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -23,7 +22,7 @@ from worker_orcd.engine.llm import LLM
 from worker_orcd.engine.llm_engine import StepOutput
 from worker_orcd.engine.output import GenerationResult
 from worker_orcd.engine.sequence import Sequence
-from worker_orcd.sampling_params import SamplingParams, new_seed
+from worker_orcd.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -161,8 +160,6 @@ class Engine:
             self._core.check(prompt_ids, params)
         except ValueError as error:
             raise JobRejected("INVALID_REQUEST", str(error)) from None
-        if params.seed is None:  # fixed now, so that `started` can report it
-            params = dataclasses.replace(params, seed=new_seed())
         job = Job(job_id, prompt_ids, params, context or {}, asyncio.get_running_loop())
         with self._lock:
             if not self._accepting:
@@ -258,7 +255,7 @@ class Engine:
         job = self._by_seq[output.seq.seq_id]
         if output.started:
             job.started = True
-            self._send(job, Started(job.params.seed, len(job.prompt_ids)))
+            self._send(job, Started(output.seq.seed, len(job.prompt_ids)))
         if output.text:
             self._send(job, Token(job._tokens, output.text))
             job._tokens += 1

@@ -58,19 +58,23 @@ class LLMEngine:
                 f"the prompt has {len(prompt_ids)} tokens: expected 1 to {limit - 1} "
                 f"(the model's context length)"
             )
-        total = len(prompt_ids) + min(params.max_tokens, limit - len(prompt_ids))
+        total = len(prompt_ids) + self._max_tokens(prompt_ids, params)
         if total > self.max_tokens_in_pool:
             raise ValueError(
                 f"the prompt's {len(prompt_ids)} tokens plus max_tokens can never fit the KV "
                 f"cache: expected at most {self.max_tokens_in_pool} tokens in all, got {total}"
             )
 
+    def _max_tokens(self, prompt_ids: list[int], params: SamplingParams) -> int:
+        """What a request may generate: its max_tokens, or what the context has room for."""
+        return min(params.max_tokens, self.config.max_model_len - len(prompt_ids))
+
     def add(self, prompt_ids: list[int], params: SamplingParams) -> Sequence:
         """Queue a request that `check` accepts."""
         self.check(prompt_ids, params)
         seed = params.seed if params.seed is not None else new_seed()
         seq = Sequence(prompt_ids, params, seed, OutputState(self.tokenizer, params))
-        seq.max_tokens = min(params.max_tokens, self.config.max_model_len - len(prompt_ids))
+        seq.max_tokens = self._max_tokens(prompt_ids, params)
         self.scheduler.add(seq)
         return seq
 

@@ -33,7 +33,8 @@ class ModelRunner:
             [seq.params for seq in drawing],
             [seq.seed for seq in drawing],
             [seq.num_generated for seq in drawing],
-            [seq.generated_ids for seq in drawing],
+            # copied only where the repetition penalty reads them
+            [seq.generated_ids if seq.params.repetition_penalty != 1.0 else [] for seq in drawing],
             self.device,
         )
         return sample(logits, sampling).tolist()
