@@ -1,23 +1,36 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, with .device/ carried (see bench/README.md):
-# builds llama.cpp's llama-bench, writes the synthetic Qwen2.5-0.5B Q4_K_M file, checks our GPU
-# path against the CPU reference, then benchmarks both engines on that one file in one run.
+# builds llama.cpp's llama-bench and llama-batched-bench in the background, writes the synthetic
+# Qwen2.5-0.5B Q4_K_M file, checks our GPU path against the CPU reference and measures our engine
+# (single stream, depths, batch sizes), then runs llama.cpp's benches on that one file.
 set -euo pipefail
 OUT=${OUT:-/tmp/bench-out}
 MODEL=/tmp/qwen2.5-0.5b-synth.gguf
+DEPTHS=${DEPTHS:-512,2048,8192,16384}
+BATCHES=${BATCHES:-1,8,32,128}
 mkdir -p "$OUT" /tmp/llama-build
 python3 -m pip install --no-deps -q --target /tmp/pydeps .device/gguf-0.19.0-py3-none-any.whl
 export PYTHONPATH=$PWD:/tmp/pydeps
 
-tar xzf .device/llama.cpp.tar.gz -C /tmp/llama-build
-cmake -S /tmp/llama-build/llama.cpp -B /tmp/llama-build/out -DCMAKE_BUILD_TYPE=Release \
-  -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=OFF \
-  -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
-  -DLLAMA_CURL=OFF >"$OUT/cmake.log" 2>&1
-cmake --build /tmp/llama-build/out --target llama-bench -j "$(nproc)" >"$OUT/build.log" 2>&1
+(
+  tar xzf .device/llama.cpp.tar.gz -C /tmp/llama-build
+  cmake -S /tmp/llama-build/llama.cpp -B /tmp/llama-build/out -DCMAKE_BUILD_TYPE=Release \
+    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=OFF \
+    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
+  cmake --build /tmp/llama-build/out --target llama-bench llama-batched-bench -j 12
+) >"$OUT/build.log" 2>&1 &
+BUILD=$!
 
 python3 -m worker_orcd.cli synth --preset qwen2.5-0.5b --output "$MODEL"
-python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" ${GPU_CHECK_ARGS:-} | tee "$OUT/ours.txt"
-/tmp/llama-build/out/bin/llama-bench -m "$MODEL" -ngl 99 -p 512 -n 128 -fa 1 -o json \
+python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" --depths "$DEPTHS" \
+  --batch-sizes "$BATCHES" --ctx-size 16640 ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUT/ours.txt"
+
+wait $BUILD
+BIN=/tmp/llama-build/out/bin
+$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r 3 -p 512 -n 128 -d "0,$DEPTHS" -o json \
   >"$OUT/llama_bench.json" 2>"$OUT/llama_bench.log"
-python3 bench/compare.py "$OUT/gpu_check.json" "$OUT/llama_bench.json"
+$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r 3 -p 2048,8192 -n 0 -o json \
+  >"$OUT/llama_bench_pp.json" 2>>"$OUT/llama_bench.log"
+$BIN/llama-batched-bench -m "$MODEL" -ngl 99 -c 33792 -b 2048 -ub 512 -npp 128 -ntg 128 \
+  -npl "$BATCHES" >"$OUT/llama_batched.txt" 2>"$OUT/llama_batched.log"
+python3 bench/compare.py "$OUT"

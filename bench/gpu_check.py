@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ import triton.testing
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.bench import run_bench
+from worker_orcd.cli import int_list
 from worker_orcd.engine.llm import LLM
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
@@ -132,6 +134,37 @@ def check_model(path: Path) -> dict:
     )
 
 
+def check_invariance(path: Path, others: int = 127) -> dict:
+    """A request's tokens alone and among `others` random requests, greedy and seeded."""
+    llm = LLM.load(path, "cuda")
+    generator = torch.Generator().manual_seed(2)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(0, 151_000, (n,), generator=generator).tolist()
+
+    prompt = ids(100)
+    report = {}
+    for name, params in {
+        "greedy": SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True),
+        "seeded": SamplingParams(temperature=0.8, seed=7, max_tokens=64, ignore_eos=True),
+    }.items():
+        alone = llm.generate([prompt], params)[0].token_ids
+        crowd = [ids(int(n)) for n in torch.randint(1, 300, (others,), generator=generator)]
+        background = SamplingParams(temperature=0.8, max_tokens=96, ignore_eos=True)
+        results = llm.generate(
+            [*crowd[:64], prompt, *crowd[64:]],
+            [background] * 64 + [params] + [background] * (others - 64),
+        )
+        among = results[64].token_ids
+        report[name] = dict(
+            identical=alone == among,
+            first_difference=next(
+                (i for i, (a, b) in enumerate(zip(alone, among, strict=True)) if a != b), None
+            ),
+        )
+    return report
+
+
 def profile(path: Path) -> str:
     """Where the time goes: GPU time per kernel of one 512-token prefill and of 16 decode steps,
     through the engine."""
@@ -151,33 +184,49 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model", type=Path, default=Path("/tmp/qwen2.5-0.5b-synth.gguf"))
     parser.add_argument("--skip-model-check", action="store_true")
+    parser.add_argument("--depths", type=int_list, default=())
+    parser.add_argument("--batch-sizes", type=int_list, default=())
+    parser.add_argument("--ctx-size", type=int, default=8192)
     args = parser.parse_args()
     started = time.time()
     if not args.model.exists():
         synthesize("qwen2.5-0.5b", args.model)
     report: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    report["kernels"] = check_kernels(np.random.default_rng(0))
-    if not args.skip_model_check:
-        report["model"] = check_model(args.model)
-    bench = run_bench(args.model, "cuda")
-    tensor_bytes = sum(t.nbytes for t in GGUFFile(args.model).tensors.values())
-    report["bench"] = bench.as_dict() | {"file_tensor_bytes": tensor_bytes}
-    profiles = profile(args.model)
-    report["seconds"] = time.time() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
-    for row in report["kernels"]:
-        print(
+
+    def stage(name: str, value: object, text: str | None = None) -> None:
+        """Record and print each result as it comes: a run cut short keeps what it has."""
+        report[name] = value
+        (args.out / "gpu_check.json").write_text(json.dumps(report, indent=2))
+        print(text if text is not None else json.dumps(value, indent=1), flush=True)
+
+    kernels = check_kernels(np.random.default_rng(0))
+    stage(
+        "kernels",
+        kernels,
+        "\n".join(
             f"{row['kernel']:32s} m={row['m']:<4d} err={row['rel_error']:.1e} "
             f"finite={row['finite']} {row['ms']:.4f} ms {row['weight_gb_per_s']:.0f} GB/s"
-        )
-    print(profiles)
-    print(json.dumps(report.get("model"), indent=1))
-    print(bench.table())
-    print(
-        f"weights {bench.weights_bytes:,} B vs file tensors {tensor_bytes:,} B "
-        f"({bench.weights_bytes / tensor_bytes:.3f}x); {report['seconds']:.0f} s"
+            for row in kernels
+        ),
     )
+    if not args.skip_model_check:
+        stage("model", check_model(args.model))
+        stage("invariance", check_invariance(args.model))
+    gc.collect()  # the checks' engines: their KV pools go back before the bench sizes its own
+    torch.cuda.empty_cache()
+    bench = run_bench(
+        args.model,
+        "cuda",
+        max_context=args.ctx_size,
+        depths=args.depths,
+        batch_sizes=args.batch_sizes,
+    )
+    tensor_bytes = sum(t.nbytes for t in GGUFFile(args.model).tensors.values())
+    stage("bench", bench.as_dict() | {"file_tensor_bytes": tensor_bytes}, bench.table())
+    stage("profile", profile(args.model), "")
+    print(report["profile"])
+    print(f"{time.time() - started:.0f} s")
 
 
 if __name__ == "__main__":

@@ -88,11 +88,16 @@ def test_models_list_and_inspect(smollm2_path: Path):
 
 def test_bench_runs_on_the_cpu(smollm2_path: Path):
     args = ("--prompt-tokens", "16", "--gen-tokens", "4", "--repeats", "1", "--json")
+    args += ("--depths", "40", "--batch-sizes", "3")
     run = cli("bench", "--model", str(smollm2_path), "--device", "cpu", *args)
     assert run.returncode == 0, run.stderr
     report = json.loads(run.stdout)
     assert report["prompt_tokens"] == 16 and report["generated_tokens"] == 4
     assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0
+    (depth,) = report["depths"]
+    assert depth["depth"] == 40 and depth["decode_tokens_per_second"] > 0
+    (batch,) = report["batches"]
+    assert batch["batch_size"] == 3 and batch["decode_tokens_per_second"] > 0
     assert report["weights_bytes"] == sum(
         info.nbytes for info in GGUFFile(smollm2_path).tensors.values()
     )

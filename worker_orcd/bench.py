@@ -1,15 +1,21 @@
-"""`worker-orcd bench`: the numbers llama-bench reports, measured on our own serving path.
+"""`worker-orcd bench`: the numbers llama-bench and llama-batched-bench report, measured on our
+own serving path.
 
-Both go through the engine's step loop, so they are what a client gets: pp (prefill tokens/s)
+All go through the engine's step loop, so they are what a client gets: pp (prefill tokens/s)
 is a prompt of random ids over the time to its first token (its chunks, then one draw); tg
 (decode tokens/s) generates from a one-token prompt (sampling, detokenizing included). Each is
-the median of `repeats` runs after a warm-up.
+the median of `repeats` runs after a warm-up. At a depth d (llama-bench -d), one stream
+prefills d tokens and then decodes (one run after a warm-up). At a batch size B
+(llama-batched-bench), B streams of random prompts start together; their decode rate counts the
+tokens drawn after the last one's first token, over the time since.
 """
 
 from __future__ import annotations
 
 import resource
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +36,8 @@ class BenchReport:
     time_to_first_token_ms: float
     weights_bytes: int  # see LLM.weights_bytes
     peak_memory_bytes: int
+    depths: tuple[dict, ...] = ()  # {depth, prefill_tokens_per_second, decode_tokens_per_second}
+    batches: tuple[dict, ...] = ()  # {batch_size, prefill_..., decode_..., total_...}
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -42,6 +50,16 @@ class BenchReport:
             ("weights (MiB)", f"{self.weights_bytes / 2**20:,.1f}"),
             ("peak memory (MiB)", f"{self.peak_memory_bytes / 2**20:,.1f}"),
         ]
+        g = self.generated_tokens
+        for row in self.depths:
+            d = row["depth"]
+            rows.append((f"pp{d} (prefill tok/s)", f"{row['prefill_tokens_per_second']:,.1f}"))
+            rows.append((f"tg{g} @ d{d} (decode tok/s)", f"{row['decode_tokens_per_second']:,.1f}"))
+        for row in self.batches:
+            b = row["batch_size"]
+            for phase in ("prefill", "decode", "total"):
+                rate = row[f"{phase}_tokens_per_second"]
+                rows.append((f"B={b} {phase} (tok/s)", f"{rate:,.1f}"))
         width = max(len(name) for name, _ in rows)
         lines = [f"{self.model} on {self.device}"]
         lines += [f"  {name.ljust(width)}  {value:>12}" for name, value in rows]
@@ -55,20 +73,36 @@ def run_bench(
     gen_tokens: int = 128,
     repeats: int = 5,
     max_context: int = DEFAULT_MAX_CONTEXT,
+    depths: tuple[int, ...] = (),
+    batch_sizes: tuple[int, ...] = (),
 ) -> BenchReport:
     device = resolve_device(device_name)
     llm = LLM.load(path, device_name, max_context=max_context)
     vocab = llm.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=generator).tolist()
+
+    def random_prompt(n: int) -> list[int]:
+        """Fresh ids each time: nothing comes from the prefix cache."""
+        return torch.randint(0, vocab, (n,), generator=generator).tolist()
+
     greedy = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
     first_token = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
 
     def decode_rate() -> float:
-        return llm.generate([prompt[:1]], greedy)[0].tokens_per_second
+        return llm.generate([random_prompt(1)], greedy)[0].tokens_per_second
 
     def first_token_seconds() -> float:
-        return llm.generate([prompt], first_token)[0].prefill_seconds
+        return llm.generate([random_prompt(prompt_tokens)], first_token)[0].prefill_seconds
+
+    def at_depth(depth: int) -> dict:
+        """The second of two runs: the first compiles what this length needs."""
+        for _ in range(2):
+            result = llm.generate([random_prompt(depth)], greedy)[0]
+        return dict(
+            depth=depth,
+            prefill_tokens_per_second=depth / result.prefill_seconds,
+            decode_tokens_per_second=result.tokens_per_second,
+        )
 
     first_token_seconds()  # warm-up: kernels compile
     decode_rate()
@@ -76,6 +110,10 @@ def run_bench(
         torch.cuda.reset_peak_memory_stats(device)
     ttft = statistics.median(first_token_seconds() for _ in range(repeats))
     decode = statistics.median(decode_rate() for _ in range(repeats))
+    depth_rows = tuple(at_depth(d) for d in depths)
+    batch_rows = tuple(
+        batched(llm, size, prompt_tokens, gen_tokens, random_prompt) for size in batch_sizes
+    )
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -90,4 +128,35 @@ def run_bench(
         time_to_first_token_ms=1000 * ttft,
         weights_bytes=llm.weights_bytes,
         peak_memory_bytes=peak,
+        depths=depth_rows,
+        batches=batch_rows,
+    )
+
+
+def batched(
+    llm: LLM,
+    size: int,
+    prompt_tokens: int,
+    gen_tokens: int,
+    random_prompt: Callable[[int], list[int]],
+) -> dict:
+    """`size` streams of distinct random prompts, started together (after one warm-up run)."""
+    engine = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=gen_tokens, ignore_eos=True)
+    for _ in range(2):
+        seqs = [engine.add(random_prompt(prompt_tokens), params) for _ in range(size)]
+        start = time.perf_counter()
+        decoding, drawn = None, 0
+        while engine.has_unfinished():
+            engine.step()
+            if decoding is None and all(s.first_token_at for s in seqs):
+                decoding = time.perf_counter()
+                drawn = sum(s.num_generated for s in seqs)
+        end = time.perf_counter()
+    decode_seconds = end - decoding
+    return dict(
+        batch_size=size,
+        prefill_tokens_per_second=size * prompt_tokens / (decoding - start),
+        decode_tokens_per_second=(size * gen_tokens - drawn) / decode_seconds,
+        total_tokens_per_second=size * gen_tokens / (end - start),
     )

@@ -126,12 +126,31 @@ def port(value: str) -> int:
     return number
 
 
+def int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected numbers separated by commas, found {text!r}"
+        ) from None
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers, found {text!r}")
+    return values
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from worker_orcd.bench import run_bench
 
     path = model_store.resolve(args.model, log)
     report = run_bench(
-        path, args.device, args.prompt_tokens, args.gen_tokens, args.repeats, args.ctx_size
+        path,
+        args.device,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.repeats,
+        args.ctx_size,
+        args.depths,
+        args.batch_sizes,
     )
     print(json.dumps(report.as_dict()) if args.json else report.table())
 
@@ -262,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    bench.add_argument(
+        "--depths", type=int_list, default=(), help="e.g. 512,2048: pp and tg at these depths"
+    )
+    bench.add_argument(
+        "--batch-sizes", type=int_list, default=(), help="e.g. 8,32,128: streams decoding at once"
+    )
     bench.set_defaults(run=cmd_bench)
 
     synth = commands.add_parser("synth", help="write a random-weight GGUF of a real model's shape")

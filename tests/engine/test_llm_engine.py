@@ -62,7 +62,12 @@ def run(core: LLMEngine, prompts: list[list[int]], params: list[SamplingParams])
             core.step()
     finally:
         del core.runner.logits
-    return [(GenerationResult.of(s).token_ids, torch.stack(logits[s.seq_id])) for s in seqs]
+    results = [GenerationResult.of(s) for s in seqs]
+    # the draws read: a sequence that ends computes one step more, whose draw nobody reads
+    return [
+        (r.token_ids, torch.stack(logits[s.seq_id][: len(r.token_ids) + (r.stop_reason == "eos")]))
+        for s, r in zip(seqs, results, strict=True)
+    ]
 
 
 def same(a: list, b: list) -> bool:

@@ -1,6 +1,8 @@
 """The paged attention kernel against its torch reference, through Triton's interpreter on the
-CPU: prefill chunks over cached prefixes, decode tokens, GQA groups that are not powers of two,
-a head size that is not one either; and batch invariance, bit for bit."""
+CPU: prefill chunks over cached prefixes, decode tokens, contexts over several KV splits, GQA
+groups that are not powers of two, a head size that is not one either; and batch invariance,
+bit for bit. The kernel's float16 operands (flash attention's) keep it within 2e-3 of the
+float32 reference on unit-scale values."""
 
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ BLOCK = 16
 def scene(heads, kv_heads, dim, spans, seed=0):
     """A shuffled pool holding each sequence's keys up to its span's end, and the q rows."""
     generator = torch.Generator().manual_seed(seed)
-    pool_blocks = 64
+    pool_blocks = 128
     keys = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
     values = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
     free = list(range(pool_blocks))
@@ -41,20 +43,22 @@ def scene(heads, kv_heads, dim, spans, seed=0):
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 16), (7, 1, 16), (4, 4, 24)])
 def test_the_kernel_matches_the_reference(heads, kv_heads, dim):
-    spans = [(0, 21), (40, 1), (3, 17), (70, 2)]  # (cached positions, new tokens)
+    # (cached positions, new tokens): one split, then across split boundaries
+    spans = [(0, 21), (40, 1), (3, 17), (70, 2), (300, 5), (500, 40)]
     q, keys, values, batch = scene(heads, kv_heads, dim, spans)
     expected = paged_attention(q.cpu(), keys.cpu(), values.cpu(), _on_cpu(batch), dim**-0.5)
     out = paged_attention_kernel(q, keys, values, batch, dim**-0.5)
-    torch.testing.assert_close(out.cpu(), expected, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-3, rtol=0)
 
 
 def test_a_row_is_the_same_alone_and_in_any_tile():
-    spans = [(0, 37)]
+    spans = [(0, 300)]
     q, keys, values, batch = scene(6, 2, 16, spans, seed=3)
     whole = paged_attention_kernel(q, keys, values, batch, 0.25)
-    # the same sequence as a decode token at position 30, and as a chunk 20..36
+    # the same sequence as decode tokens at positions 30 and 290, and as chunks 20..36 and
+    # 250..290 (across the split at 256)
     seq = batch_seq(batch, spans)
-    for start, count in [(30, 1), (20, 17)]:
+    for start, count in [(30, 1), (290, 1), (20, 17), (250, 41)]:
         part = ForwardBatch.build([ScheduledChunk(seq, start, count, True)], BLOCK, q.device)
         out = paged_attention_kernel(q[start : start + count], keys, values, part, 0.25)
         assert torch.equal(out, whole[start : start + count])

@@ -3,12 +3,12 @@
 The runner builds it from the scheduler's chunks; the model passes it down to attention, which
 alone reads the paging fields. Tokens of one sequence are contiguous, sequences in the order
 scheduled. Host copies of the per-sequence fields serve the CPU reference; device copies serve
-the kernels.
+the kernels. Every integer field travels to the device in one copy, packed end to end.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,12 +17,101 @@ from worker_orcd.engine.scheduler import ScheduledChunk
 QUERY_TILE = 16  # attention takes a sequence's query tokens this many at a time
 
 
+@dataclass
+class HostBatch:
+    """The batch as host lists. `pad` adds one-token rows that a CUDA graph of a fixed batch
+    size computes and nobody reads; they write only to a slot no sequence owns."""
+
+    input_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    token_seqs: list[int] = field(default_factory=list)
+    logits_indices: list[int] = field(default_factory=list)
+    tile_seqs: list[int] = field(default_factory=list)
+    tile_starts: list[int] = field(default_factory=list)
+    query_starts: list[int] = field(default_factory=lambda: [0])
+    context_lens: list[int] = field(default_factory=list)
+    tables: list[list[int]] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, chunks: list[ScheduledChunk], block_size: int) -> HostBatch:
+        batch = cls()
+        for chunk in chunks:
+            seq, end = chunk.seq, chunk.start + chunk.num_tokens
+            table = seq.block_table
+            slots = [
+                table[p // block_size] * block_size + p % block_size
+                for p in range(chunk.start, end)
+            ]
+            batch._add(
+                seq.token_ids[chunk.start : end], chunk.start, slots, list(table), chunk.samples
+            )
+        return batch
+
+    def pad(self, num_seqs: int, slot: int, block: int) -> None:
+        while len(self.context_lens) < num_seqs:
+            self._add([0], 0, [slot], [block], samples=True)
+
+    def _add(
+        self, ids: list[int], start: int, slots: list[int], table: list[int], samples: bool
+    ) -> None:
+        first = self.query_starts[-1]
+        self.input_ids.extend(ids)
+        self.positions.extend(range(start, start + len(ids)))
+        self.slot_mapping.extend(slots)
+        self.token_seqs.extend([len(self.context_lens)] * len(ids))
+        end = first + len(ids)
+        if samples:
+            self.logits_indices.append(end - 1)
+        for row in range(first, end, QUERY_TILE):
+            self.tile_seqs.append(len(self.context_lens))
+            self.tile_starts.append(row)
+        self.query_starts.append(end)
+        self.context_lens.append(start + len(ids))
+        self.tables.append(table)
+
+    @property
+    def table_width(self) -> int:
+        return max(len(t) for t in self.tables)
+
+    def packed(self, table_width: int, extra: list[int] = ()) -> torch.Tensor:
+        """The device fields end to end (`FIELDS` order), then the block tables padded to
+        `table_width` with block 0, then `extra`: one host tensor for one copy."""
+        values = [v for name in FIELDS for v in getattr(self, name)]
+        for table in self.tables:
+            values += table + [0] * (table_width - len(table))
+        return torch.tensor(values + list(extra), dtype=torch.long)
+
+    def sizes(self) -> list[int]:
+        return [len(getattr(self, name)) for name in FIELDS]
+
+    @property
+    def num_fields(self) -> int:
+        """Where the block tables start in `packed`."""
+        return sum(self.sizes())
+
+
+# The fields that travel to the device, in their packed order.
+FIELDS = (
+    "input_ids",
+    "positions",
+    "slot_mapping",
+    "token_seqs",
+    "logits_indices",
+    "tile_seqs",
+    "tile_starts",
+    "query_starts",
+    "context_lens",
+)
+
+
 @dataclass(frozen=True)
 class ForwardBatch:
     input_ids: torch.Tensor  # (tokens,)
     positions: torch.Tensor  # (tokens,)
     slot_mapping: torch.Tensor  # (tokens,): the cache slot each token's k and v go to
-    block_tables: torch.Tensor  # (seqs, max blocks), padded with block 0
+    token_seqs: torch.Tensor  # (tokens,): the sequence each token belongs to
+    block_tables: torch.Tensor  # (seqs, width), padded with block 0
     query_starts: list[int]  # (seqs + 1,): sequence i's tokens are rows [starts[i], starts[i+1])
     context_lens: list[int]  # (seqs,): positions each sequence's last token sees, itself included
     tables: list[list[int]]  # host block tables
@@ -33,53 +122,48 @@ class ForwardBatch:
     tile_starts: torch.Tensor
     query_starts_device: torch.Tensor
     context_lens_device: torch.Tensor
+    max_context: int  # at least every context_len: what the attention kernel sizes its splits by
     query_tile: int = QUERY_TILE
 
     @classmethod
     def build(
-        cls,
-        chunks: list[ScheduledChunk],
-        block_size: int,
-        device: torch.device,
+        cls, chunks: list[ScheduledChunk], block_size: int, device: torch.device
     ) -> ForwardBatch:
-        ids, positions, slots, starts, lens, tables, sampled = [], [], [], [0], [], [], []
-        for chunk in chunks:
-            seq, end = chunk.seq, chunk.start + chunk.num_tokens
-            span = range(chunk.start, end)
-            ids.extend(seq.token_ids[chunk.start : end])
-            positions.extend(span)
-            table = seq.block_table
-            slots.extend(table[p // block_size] * block_size + p % block_size for p in span)
-            starts.append(starts[-1] + chunk.num_tokens)
-            lens.append(end)
-            tables.append(list(table))
-            if chunk.samples:
-                sampled.append(starts[-1] - 1)
-        tile_seqs, tile_starts = [], []
-        for i in range(len(chunks)):
-            for row in range(starts[i], starts[i + 1], QUERY_TILE):
-                tile_seqs.append(i)
-                tile_starts.append(row)
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
+        host = HostBatch.of(chunks, block_size)
+        width = host.table_width
+        flat = host.packed(width).to(device, non_blocking=True)
+        fields = flat[: host.num_fields]
+        tables = flat[host.num_fields :].view(len(host.tables), width)
+        return cls.view(fields, tables, host, block_size)
 
-        def tensor(values: list) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
-
+    @classmethod
+    def view(
+        cls,
+        fields: torch.Tensor,
+        tables: torch.Tensor,
+        host: HostBatch,
+        block_size: int,
+        max_context: int | None = None,
+    ) -> ForwardBatch:
+        """A batch whose device fields are views of `fields`, laid out as `host.packed`, and
+        whose block tables are `tables`; a CUDA graph's batch sets its `max_context`."""
+        d = dict(zip(FIELDS, fields.split(host.sizes()), strict=True))
         return cls(
-            input_ids=tensor(ids),
-            positions=tensor(positions),
-            slot_mapping=tensor(slots),
-            block_tables=tensor(padded),
-            query_starts=starts,
-            context_lens=lens,
-            tables=tables,
+            input_ids=d["input_ids"],
+            positions=d["positions"],
+            slot_mapping=d["slot_mapping"],
+            token_seqs=d["token_seqs"],
+            block_tables=tables,
+            query_starts=host.query_starts,
+            context_lens=host.context_lens,
+            tables=host.tables,
             block_size=block_size,
-            logits_indices=tensor(sampled),
-            tile_seqs=tensor(tile_seqs),
-            tile_starts=tensor(tile_starts),
-            query_starts_device=tensor(starts),
-            context_lens_device=tensor(lens),
+            logits_indices=d["logits_indices"],
+            tile_seqs=d["tile_seqs"],
+            tile_starts=d["tile_starts"],
+            query_starts_device=d["query_starts"],
+            context_lens_device=d["context_lens"],
+            max_context=max_context or max(host.context_lens),
         )
 
     @property

@@ -3,8 +3,11 @@
 Each step the scheduler picks the sequences and token counts (decodes and prefill chunks under
 one token budget), the runner computes them in one forward pass and draws a token for each
 sequence that reached its end, and the host turns the tokens into text and decides who is done.
-Synchronous and single-threaded: the server's `Engine` drives it from its own thread, `LLM`
-from the caller's.
+The host works one step behind the device: step t is queued before step t-1's tokens are read,
+so the device computes t while the host post-processes t-1 (a token not yet read is a
+`PLACEHOLDER`, which step t reads on the device). A sequence that ends at t-1 thus computes one
+step too many, whose result is dropped. Single-threaded: the server's `Engine` drives it from
+its own thread, `LLM` from the caller's.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from dataclasses import dataclass
 from torch import nn
 
 from worker_orcd.engine.config import EngineConfig
-from worker_orcd.engine.model_runner import ModelRunner
+from worker_orcd.engine.model_runner import ModelRunner, StepTokens
 from worker_orcd.engine.output import OutputState
-from worker_orcd.engine.scheduler import Scheduler
-from worker_orcd.engine.sequence import Sequence
+from worker_orcd.engine.scheduler import Scheduler, SchedulerOutput
+from worker_orcd.engine.sequence import PLACEHOLDER, Sequence, SequenceStatus
 from worker_orcd.sampling_params import SamplingParams, new_seed
 from worker_orcd.tokenizer import Tokenizer
 
@@ -43,7 +46,16 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config, num_blocks)
-        self.runner = ModelRunner(model, model.device, num_blocks, config.block_size)
+        self.runner = ModelRunner(
+            model,
+            model.device,
+            num_blocks,
+            config.block_size,
+            config.max_num_seqs,
+            config.blocks_for(config.max_model_len),
+        )
+        # The step queued on the device and not yet read, and its tokens.
+        self._in_flight: tuple[SchedulerOutput, StepTokens] | None = None
 
     @property
     def max_tokens_in_pool(self) -> int:
@@ -81,46 +93,82 @@ class LLMEngine:
     def abort(self, seq: Sequence) -> None:
         """End a sequence, waiting or running, and free its blocks."""
         self.scheduler.finish(seq)
+        seq.drop_placeholders()
         seq.output.finish("cancelled")
         seq.finished_at = time.perf_counter()
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or self._in_flight is not None
 
     def step(self) -> list[StepOutput]:
-        output = self.scheduler.schedule()
-        now = time.perf_counter()
-        started = set()
-        for chunk in output.chunks:
-            if chunk.seq.scheduled_at is None:
-                chunk.seq.scheduled_at = now
-                started.add(chunk.seq.seq_id)
-        tokens = iter(self.runner.run(list(output.chunks)))
-        self.scheduler.update(output)
-        now = time.perf_counter()
+        """Queue the next step, then read the previous one's tokens while the device runs.
+        A sequence's first step reports it started at once; its tokens come a step later."""
         outputs = []
-        for chunk in output.chunks:
-            seq = chunk.seq
-            text, finished = (
-                self._postprocess(seq, next(tokens), now) if chunk.samples else ("", False)
-            )
-            if chunk.samples or seq.seq_id in started:
-                outputs.append(StepOutput(seq, seq.seq_id in started, text, finished))
+        if self._in_flight and self._reads_history():
+            outputs = self._read(*self._in_flight)
+            self._in_flight = None
+        scheduled = self.scheduler.schedule()
+        previous, self._in_flight = self._in_flight, None
+        try:
+            if scheduled.chunks:
+                started = self._start(scheduled)
+                self._in_flight = (scheduled, self.runner.launch(list(scheduled.chunks)))
+                for chunk in scheduled.chunks:
+                    if chunk.samples:
+                        chunk.seq.append(PLACEHOLDER)
+                outputs += [StepOutput(seq, True, "", False) for seq in started]
+            if previous:
+                outputs += self._read(*previous)
+        except Exception:
+            for step in (previous, self._in_flight):
+                for chunk in step[0].chunks if step else ():
+                    chunk.seq.drop_placeholders()
+            self._in_flight = None
+            raise
         return outputs
 
-    def _postprocess(self, seq: Sequence, token: int, now: float) -> tuple[str, bool]:
-        """Take the drawn token into the sequence's tokens and text; finish it if it is done."""
+    def _reads_history(self) -> bool:
+        """A repetition penalty reads a sequence's tokens on the host: none may be unread."""
+        return any(seq.params.repetition_penalty != 1.0 for seq in self.scheduler.running)
+
+    @staticmethod
+    def _start(scheduled: SchedulerOutput) -> list[Sequence]:
+        """The sequences this step runs for the first time."""
+        now = time.perf_counter()
+        started = [chunk.seq for chunk in scheduled.chunks if chunk.seq.scheduled_at is None]
+        for seq in started:
+            seq.scheduled_at = now
+        return started
+
+    def _read(self, scheduled: SchedulerOutput, step_tokens: StepTokens) -> list[StepOutput]:
+        tokens = iter(step_tokens.tolist())
+        now = time.perf_counter()
+        outputs = []
+        for chunk in scheduled.chunks:
+            seq = chunk.seq
+            token = next(tokens) if chunk.samples else None
+            if seq.status is SequenceStatus.FINISHED:
+                continue  # it ended (or was cancelled) while this step ran
+            if token is not None:
+                text, finished = self._postprocess(seq, chunk.start + chunk.num_tokens, token, now)
+                outputs.append(StepOutput(seq, False, text, finished))
+        self.scheduler.update(scheduled)
+        return outputs
+
+    def _postprocess(self, seq: Sequence, index: int, token: int, now: float) -> tuple[str, bool]:
+        """Take the drawn token, its sequence's `index`-th, into its tokens and text; finish
+        the sequence if it is done."""
         if seq.first_token_at is None:
             seq.first_token_at = now
+        seq.token_ids[index] = token
         output = seq.output
         text = output.push(token)
-        if output.stop_reason != "eos":
-            seq.append(token)
         reason = output.stop_reason
-        if reason is None and seq.num_generated == seq.max_tokens:
+        if reason is None and index + 1 - seq.num_prompt_tokens == seq.max_tokens:
             reason = "max_tokens" if seq.max_tokens == seq.params.max_tokens else "context_length"
         if reason is None:
             return text, False
+        del seq.token_ids[index if reason == "eos" else index + 1 :]
         text += output.finish(reason)
         self.scheduler.finish(seq)
         seq.finished_at = now

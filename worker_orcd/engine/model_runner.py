@@ -2,6 +2,10 @@
 
 The runner owns the pool and turns the scheduler's chunks into one `ForwardBatch`; the model
 sees that and nothing of sequences. Only the rows that draw a token go through the output head.
+`launch` queues a step and returns before its tokens exist, so that the host prepares the next
+step while the device computes this one: a decode token still being computed is a `PLACEHOLDER`
+in its sequence, and the next step reads it from the device. On CUDA, decode steps replay CUDA
+graphs (`cuda_graph.py`).
 """
 
 from __future__ import annotations
@@ -9,26 +13,60 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker_orcd.engine.forward_batch import ForwardBatch
+from worker_orcd.engine.cuda_graph import DecodeGraphs
+from worker_orcd.engine.forward_batch import ForwardBatch, HostBatch
 from worker_orcd.engine.scheduler import ScheduledChunk
-from worker_orcd.engine.sequence import Sequence
+from worker_orcd.engine.sequence import PLACEHOLDER, Sequence
 from worker_orcd.layers.sampler import SamplingBatch, sample
 
 
+class StepTokens:
+    """The tokens a launched step draws, one per sampling chunk in order; `tolist` waits."""
+
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens = tokens
+        self._host = tokens
+        self._ready = None
+        if tokens.is_cuda:
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def tolist(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 class ModelRunner:
-    def __init__(self, model: nn.Module, device: torch.device, num_blocks: int, block_size: int):
+    def __init__(
+        self,
+        model: nn.Module,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int = 1,
+        max_blocks_per_seq: int = 1,
+    ):
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.cache = model.new_kv_cache(num_blocks, block_size)
+        graphs = device.type == "cuda"
+        # On CUDA, one block beyond the scheduler's pool: a graph's padded rows write there.
+        self.cache = model.new_kv_cache(num_blocks + graphs, block_size)
+        self.graphs = None
+        if graphs:
+            self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, max_blocks_per_seq)
+        # The last launched step's tokens, and the row of each sequence that drew one.
+        self._last: tuple[torch.Tensor, dict[int, int]] | None = None
 
     @torch.inference_mode()
-    def run(self, chunks: list[ScheduledChunk]) -> list[int]:
-        """Compute the chunks' tokens into the cache; the next token of each chunk that
-        `samples`, in order."""
+    def launch(self, chunks: list[ScheduledChunk]) -> StepTokens:
+        """Queue the step and the draw of each sampling chunk's next token, without waiting."""
         drawing, logits = self.logits(chunks)
         if not drawing:
-            return []
+            return StepTokens(torch.empty(0, dtype=torch.long))
         sampling = SamplingBatch(
             [seq.params for seq in drawing],
             [seq.seed for seq in drawing],
@@ -37,13 +75,44 @@ class ModelRunner:
             [seq.generated_ids if seq.params.repetition_penalty != 1.0 else [] for seq in drawing],
             self.device,
         )
-        return sample(logits, sampling).tolist()
+        tokens = sample(logits, sampling)
+        self._last = (tokens, {seq.seq_id: row for row, seq in enumerate(drawing)})
+        return StepTokens(tokens)
 
+    @torch.inference_mode()
     def logits(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass: the sequences that draw a token this step, and their logits."""
-        batch = ForwardBatch.build(chunks, self.block_size, self.device)
-        hidden = self.model(batch, self.cache)
+        host = HostBatch.of(chunks, self.block_size)
+        size = self.graphs.size_for(host) if self.graphs else None
+        if size is not None:
+            self.graphs.pad(host, size)
+        rows, sources = self._placeholders(chunks)
+        width = host.table_width
+        flat = host.packed(width, rows + sources).to(self.device, non_blocking=True)
+        n = host.num_fields
+        if size is not None:
+            batch = self.graphs.load(size, host, flat)
+        else:
+            tables = flat[n : n + len(host.tables) * width].view(-1, width)
+            batch = ForwardBatch.view(flat[:n], tables, host, self.block_size)
+        if rows:
+            fills = flat[n + len(host.tables) * width :].view(2, -1)
+            batch.input_ids.index_copy_(0, fills[0], self._last[0].index_select(0, fills[1]))
         drawing = [chunk.seq for chunk in chunks if chunk.samples]
+        if size is not None:
+            return drawing, self.graphs.replay(size)[: len(drawing)]
+        hidden = self.model(batch, self.cache)
         if not drawing:
             return [], None
         return drawing, self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+
+    def _placeholders(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
+        """The batch rows whose token the last step is still computing, and its rows there."""
+        rows, sources, end = [], [], 0
+        for chunk in chunks:
+            end += chunk.num_tokens
+            seq = chunk.seq
+            if seq.token_ids[chunk.start + chunk.num_tokens - 1] == PLACEHOLDER:
+                rows.append(end - 1)
+                sources.append(self._last[1][seq.seq_id])
+        return rows, sources

@@ -67,6 +67,9 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             seq = self.running[index]
+            if seq.num_generated == seq.max_tokens:  # its last token is drawn, not yet read
+                index += 1
+                continue
             num_tokens = min(seq.num_uncomputed, budget)
             end = seq.num_computed_tokens + num_tokens
             while not manager.can_allocate(seq, end) and seq in self.running:
@@ -102,9 +105,11 @@ class Scheduler:
         return SchedulerOutput(tuple(chunks), tuple(preempted))
 
     def update(self, output: SchedulerOutput) -> None:
-        """After the step ran: the blocks its chunks filled become prefix-cache entries."""
+        """Once the step's tokens are read: the blocks its chunks filled become prefix-cache
+        entries (a sequence preempted or finished since holds none)."""
         for chunk in output.chunks:
-            self.block_manager.cache_blocks(chunk.seq)
+            if chunk.seq.status is SequenceStatus.RUNNING:
+                self.block_manager.cache_blocks(chunk.seq)
 
     def finish(self, seq: Sequence) -> None:
         """Remove a sequence, waiting or running (finished, cancelled or failed); free its

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from worker_orcd.engine.output import OutputState
 
 _next_id = itertools.count()
+PLACEHOLDER = -1  # a drawn token the host has not read yet (the device still computes it)
 
 
 class SequenceStatus(Enum):
@@ -79,3 +80,8 @@ class Sequence:
 
     def append(self, token_id: int) -> None:
         self.token_ids.append(token_id)
+
+    def drop_placeholders(self) -> None:
+        """Forget tokens never read (its step failed, or it ended before they were)."""
+        while self.token_ids[-1] == PLACEHOLDER:
+            self.token_ids.pop()

@@ -1,13 +1,19 @@
 """Causal attention over the paged KV cache, for prefill chunks and decode tokens alike.
 
-One program takes one tile of up to `QUERY_TILE` consecutive query tokens of one sequence and one
-KV head, with the query heads of its group as extra rows (GQA: the group reads each key once).
-It walks the sequence's keys up to the tile's last position in blocks of `BLOCK_N`, through the
-block table, with an online softmax in float32 (flash attention). Batch-invariant by
-construction: a row's arithmetic depends on its own query, position and cache alone. The dot
-products are exact-order float32 (`input_precision="ieee"`), a key block wholly past a row's
-position adds exact zeros, and no split or tile depends on the batch. The torch reference is
-`layers.attention.paged_attention`.
+Flash-decoding in two launches. The first splits each sequence's keys at fixed positions, every
+`KV_SPLIT`: one program takes one tile of up to `QUERY_TILE` consecutive query tokens of one
+sequence, one KV head (the query heads of its group are extra rows: GQA reads each key once) and
+one split, and walks that split's keys through the block table in steps of `BLOCK_N` with an
+online softmax, as flash attention does, on the tensor cores (float16 operands, float32 sums).
+It writes each row's partial result: its running max, its sum of weights and its weighted values.
+The second launch merges a row's splits in position order. So a long context spreads over many
+programs (decode speed holds as the context grows), and a short one costs one split.
+
+Batch-invariant by construction: a row's arithmetic depends on its own query, position and cache
+alone. Every tile has the same shape, splits and key steps start at fixed positions, a key step
+wholly or partly past a row's position adds exact zeros to it, and a row merges the splits up to
+its own position, whatever tile or batch it came in. A token thus gets the same bits in a prefill
+chunk as in a decode step. The torch reference is `layers.attention.paged_attention`.
 """
 
 from __future__ import annotations
@@ -19,69 +25,109 @@ import triton.language as tl
 from worker_orcd.engine.forward_batch import ForwardBatch
 
 BLOCK_N = 32  # keys per inner step
+KV_SPLIT = 256  # keys per split
 
 
 @triton.jit
-def _paged_attention_kernel(
-    q_ptr, keys_ptr, values_ptr, out_ptr, tables_ptr, tile_seqs_ptr, tile_starts_ptr,
-    query_starts_ptr, context_lens_ptr, scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_ot, stride_oh,
+def _split_kernel(
+    q_ptr, keys_ptr, values_ptr, acc_ptr, best_ptr, total_ptr, tables_ptr, tile_seqs_ptr,
+    tile_starts_ptr, query_starts_ptr, context_lens_ptr, scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_at, stride_ah, stride_as,
+    stride_mt, stride_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_SPLIT: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
+    split = tl.program_id(2)
     seq = tl.load(tile_seqs_ptr + tile)
     first = tl.load(tile_starts_ptr + tile)
     query_end = tl.load(query_starts_ptr + seq + 1)
     context = tl.load(context_lens_ptr + seq)
-
-    rows = tl.arange(0, GROUP_PAD * TILE)
-    group_index = rows // TILE
-    token = first + rows % TILE
-    valid = (group_index < GROUP) & (token < query_end)
-    position = context - (query_end - token)  # each row's own position
-    head = kv_head * GROUP + group_index
-    dims = tl.arange(0, DIM_PAD)
-    dim_ok = dims < HEAD_DIM
-    q = tl.load(
-        q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
-        mask=valid[:, None] & dim_ok[None, :],
-        other=0.0,
-    ).to(tl.float32)
-
     # the tile's last row's position: the keys it reads end there
     last = context - 1 - (query_end - tl.minimum(first + TILE, query_end))
-    best = tl.full((GROUP_PAD * TILE,), float("-inf"), tl.float32)
-    total = tl.zeros((GROUP_PAD * TILE,), tl.float32)
-    acc = tl.zeros((GROUP_PAD * TILE, DIM_PAD), tl.float32)
-    for start in range(0, last + 1, BLOCK_N):
-        key_positions = start + tl.arange(0, BLOCK_N)
-        present = key_positions <= last
-        block = tl.load(
-            tables_ptr + seq * stride_table + key_positions // BLOCK_SIZE, mask=present, other=0
+    split_start = split * KV_SPLIT
+    if split_start <= last:
+        rows = tl.arange(0, GROUP_PAD * TILE)
+        group_index = rows // TILE
+        token = first + rows % TILE
+        valid = (group_index < GROUP) & (token < query_end)
+        position = context - (query_end - token)  # each row's own position
+        head = kv_head * GROUP + group_index
+        dims = tl.arange(0, DIM_PAD)
+        dim_ok = dims < HEAD_DIM
+        q = tl.load(
+            q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+            mask=valid[:, None] & dim_ok[None, :],
+            other=0.0,
+        ).to(tl.float16)
+
+        best = tl.full((GROUP_PAD * TILE,), float("-inf"), tl.float32)
+        total = tl.zeros((GROUP_PAD * TILE,), tl.float32)
+        acc = tl.zeros((GROUP_PAD * TILE, DIM_PAD), tl.float32)
+        split_end = tl.minimum(split_start + KV_SPLIT, last + 1)
+        for start in range(split_start, split_end, BLOCK_N):
+            key_positions = start + tl.arange(0, BLOCK_N)
+            present = key_positions <= last
+            block = tl.load(
+                tables_ptr + seq * stride_table + key_positions // BLOCK_SIZE,
+                mask=present,
+                other=0,
+            )
+            slots = block * BLOCK_SIZE + key_positions % BLOCK_SIZE
+            kv_offsets = slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
+            kv_mask = present[:, None] & dim_ok[None, :]
+            keys = tl.load(keys_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float16)
+            scores = tl.dot(q, tl.trans(keys)) * scale
+            seen = valid[:, None] & (key_positions[None, :] <= position[:, None])
+            scores = tl.where(seen, scores, float("-inf"))
+            new_best = tl.maximum(best, tl.max(scores, axis=1))
+            finite = tl.where(new_best == float("-inf"), 0.0, new_best)
+            weights = tl.exp(scores - finite[:, None])
+            correction = tl.exp(best - finite)
+            total = total * correction + tl.sum(weights, axis=1)
+            values = tl.load(values_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float16)
+            acc = acc * correction[:, None] + tl.dot(weights.to(tl.float16), values)
+            best = new_best
+        part = token * stride_at + head * stride_ah + split * stride_as
+        tl.store(
+            acc_ptr + part[:, None] + dims[None, :], acc, mask=valid[:, None] & dim_ok[None, :]
         )
-        slots = block * BLOCK_SIZE + key_positions % BLOCK_SIZE
-        kv_offsets = slots[:, None] * stride_ks + kv_head * stride_kh + dims[None, :]
-        kv_mask = present[:, None] & dim_ok[None, :]
-        keys = tl.load(keys_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        scores = tl.dot(q, tl.trans(keys), input_precision="ieee") * scale
-        seen = valid[:, None] & (key_positions[None, :] <= position[:, None])
-        scores = tl.where(seen, scores, float("-inf"))
-        new_best = tl.maximum(best, tl.max(scores, axis=1))
-        finite = tl.where(new_best == float("-inf"), 0.0, new_best)
-        weights = tl.exp(scores - finite[:, None])
-        correction = tl.exp(best - finite)
-        total = total * correction + tl.sum(weights, axis=1)
-        values = tl.load(values_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float32)
-        acc = acc * correction[:, None] + tl.dot(weights, values, input_precision="ieee")
+        stat = token * stride_mt + head * stride_mh + split
+        tl.store(best_ptr + stat, best, mask=valid)
+        tl.store(total_ptr + stat, total, mask=valid)
+
+
+@triton.jit
+def _merge_kernel(
+    acc_ptr, best_ptr, total_ptr, out_ptr, token_seqs_ptr, query_starts_ptr, context_lens_ptr,
+    stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ot, stride_oh,
+    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    KV_SPLIT: tl.constexpr,
+):  # fmt: skip
+    token = tl.program_id(0)
+    seq = tl.load(token_seqs_ptr + token)
+    position = tl.load(context_lens_ptr + seq) - (tl.load(query_starts_ptr + seq + 1) - token)
+    heads = tl.arange(0, HEADS_PAD)
+    dims = tl.arange(0, DIM_PAD)
+    ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
+    best = tl.full((HEADS_PAD,), float("-inf"), tl.float32)
+    total = tl.zeros((HEADS_PAD,), tl.float32)
+    acc = tl.zeros((HEADS_PAD, DIM_PAD), tl.float32)
+    for split in range(0, position // KV_SPLIT + 1):
+        part = token * stride_at + heads * stride_ah + split * stride_as
+        stat = token * stride_mt + heads * stride_mh + split
+        split_best = tl.load(best_ptr + stat, mask=heads < HEADS, other=0.0)
+        split_total = tl.load(total_ptr + stat, mask=heads < HEADS, other=0.0)
+        split_acc = tl.load(acc_ptr + part[:, None] + dims[None, :], mask=ok, other=0.0)
+        new_best = tl.maximum(best, split_best)
+        correction = tl.exp(best - new_best)
+        weight = tl.exp(split_best - new_best)
+        total = total * correction + split_total * weight
+        acc = acc * correction[:, None] + split_acc * weight[:, None]
         best = new_best
     out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(
-        out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-        out,
-        mask=valid[:, None] & dim_ok[None, :],
-    )
+    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :], out, mask=ok)
 
 
 def paged_attention_kernel(
@@ -89,18 +135,30 @@ def paged_attention_kernel(
 ) -> torch.Tensor:
     """As `layers.attention.paged_attention`: q (tokens, heads, dim) rotated; keys and values
     (slots, kv_heads, dim) of one layer; returns (tokens, heads, dim) in q's dtype."""
-    heads, dim = q.shape[1:]
+    tokens, heads, dim = q.shape
     kv_heads = keys.shape[1]
     group = heads // kv_heads
-    out = torch.empty_like(q)
-    grid = (batch.tile_seqs.numel(), kv_heads)
-    _paged_attention_kernel[grid](
-        q, keys, values, out, batch.block_tables, batch.tile_seqs, batch.tile_starts,
+    splits = -(-batch.max_context // KV_SPLIT)
+    # each row's partial result per split: its weighted values, max score and sum of weights
+    acc = torch.empty(tokens, heads, splits, dim, device=q.device, dtype=torch.float32)
+    best = torch.empty(tokens, heads, splits, device=q.device, dtype=torch.float32)
+    total = torch.empty_like(best)
+    grid = (batch.tile_seqs.numel(), kv_heads, splits)
+    _split_kernel[grid](
+        q, keys, values, acc, best, total, batch.block_tables, batch.tile_seqs, batch.tile_starts,
         batch.query_starts_device, batch.context_lens_device, scale,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), batch.block_tables.stride(0),
-        out.stride(0), out.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0), best.stride(1),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=batch.query_tile,
         HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), BLOCK_N=BLOCK_N,
-        BLOCK_SIZE=batch.block_size,
+        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _merge_kernel[(tokens,)](
+        acc, best, total, out, batch.token_seqs, batch.query_starts_device,
+        batch.context_lens_device, acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0),
+        best.stride(1), out.stride(0), out.stride(1),
+        HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=dim,
+        DIM_PAD=triton.next_power_of_2(dim), KV_SPLIT=KV_SPLIT,
     )  # fmt: skip
     return out

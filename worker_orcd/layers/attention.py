@@ -18,10 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_orcd.engine.forward_batch import QUERY_TILE, ForwardBatch
-from worker_orcd.kernels.paged_attention import paged_attention_kernel
+from worker_orcd.kernels.paged_attention import KV_SPLIT, paged_attention_kernel
 from worker_orcd.layers.rotary import RotaryEmbedding
-
-KV_SPLIT = 256
 
 
 class KVCache:

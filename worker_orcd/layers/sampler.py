@@ -66,6 +66,10 @@ class SamplingBatch:
         self.top_k = column([p.top_k for p in params], torch.long)
         self.top_p = column([p.top_p for p in params])
         self.min_p = column([p.min_p for p in params])
+        # what the filters need to know on the host, known here without a device sync
+        self.max_top_k = max(p.top_k for p in params)
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        self.any_min_p = any(p.min_p > 0.0 for p in params)
         self.keys = torch.tensor([stream_key(s, i) for s, i in zip(seeds, indices, strict=True)])
         self.keys = self.keys.to(device)
         self.seen = None  # (rows, 1 + longest history) of ids; -1 pads
@@ -87,20 +91,19 @@ def apply_repetition_penalty(
 
 def filter_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Mask every token that top-k, top-p or min-p excludes, each row by its own parameters."""
-    k_max = int(batch.top_k.max())
-    if k_max > 0:
-        k_max = min(k_max, logits.shape[1])
+    if batch.max_top_k > 0:
+        k_max = min(batch.max_top_k, logits.shape[1])
         values = torch.topk(logits, k_max, dim=-1).values
         kth = values.gather(1, (batch.top_k.clamp(1, k_max) - 1))
         logits = logits.masked_fill((batch.top_k > 0) & (logits < kth), -torch.inf)
-    if bool((batch.top_p < 1.0).any()):
+    if batch.any_top_p:
         probs, order = logits.softmax(-1).sort(dim=-1, descending=True)
         mass_before = probs.cumsum(-1) - probs  # keeps at least the top token
         excluded = torch.empty_like(logits, dtype=torch.bool).scatter_(
             1, order, mass_before >= batch.top_p
         )
         logits = logits.masked_fill(excluded & (batch.top_p < 1.0), -torch.inf)
-    if bool((batch.min_p > 0.0).any()):
+    if batch.any_min_p:
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < batch.min_p * probs.amax(-1, keepdim=True), -torch.inf)
     return logits
