@@ -124,3 +124,25 @@ def test_preemption_in_a_tiny_pool_loses_nothing_and_changes_no_token(llm: LLM):
     assert core.scheduler.num_preemptions > 0
     assert core.scheduler.block_manager.num_free_blocks == 12
     assert same(squeezed, run(engine(llm), prompts, params))
+
+
+def test_out_of_memory_with_many_running_preempts_and_changes_no_token(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+):
+    """A step of more than two sequences runs out of device memory: the engine preempts the
+    newest and retries with fewer, each request ends as it would alone, and the pool is free."""
+    prompts = [prompt(llm, 6 + 4 * i, offset=i) for i in range(5)]
+    params = [GREEDY if i % 2 else SAMPLED for i in range(5)]
+    expected = run(engine(llm), prompts, params)
+    forward = llm.model.forward
+
+    def small_steps_only(batch, cache):
+        if batch.num_seqs > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(batch, cache)
+
+    monkeypatch.setattr(llm.model, "forward", small_steps_only)
+    core = engine(llm)
+    assert same(run(core, prompts, params), expected)
+    assert core.scheduler.num_preemptions >= 3
+    assert core.scheduler.block_manager.num_free_blocks == core.num_blocks

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from worker_orcd.engine.config import EngineConfig
@@ -119,13 +120,34 @@ class LLMEngine:
                 outputs += [StepOutput(seq, True, "", False) for seq in started]
             if previous:
                 outputs += self._read(*previous)
-        except Exception:
-            for step in (previous, self._in_flight):
-                for chunk in step[0].chunks if step else ():
-                    chunk.seq.drop_placeholders()
+        except Exception as error:
             self._in_flight = None
+            self._roll_back([scheduled] + ([previous[0]] if previous else []))
+            if isinstance(error, torch.OutOfMemoryError) and self._make_room():
+                return outputs
             raise
         return outputs
+
+    @staticmethod
+    def _roll_back(steps: list[SchedulerOutput]) -> None:
+        """Forget steps that failed or were never read: their sequences compute those tokens
+        again (the same tokens: the draws depend on nothing that changed)."""
+        for step in steps:
+            for chunk in step.chunks:
+                chunk.seq.drop_placeholders()
+                chunk.seq.num_computed_tokens = min(chunk.seq.num_computed_tokens, chunk.start)
+
+    def _make_room(self) -> bool:
+        """After a step ran out of device memory: preempt the newest running sequence and
+        admit no more than now run, so that the next steps are smaller. False when one
+        sequence runs alone: it can never fit."""
+        if len(self.scheduler.running) <= 1:
+            return False
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give back what the failed step allocated
+        self.scheduler.preempt(self.scheduler.running[-1])
+        self.scheduler.cap_running(len(self.scheduler.running))
+        return True
 
     def _reads_history(self) -> bool:
         """A repetition penalty reads a sequence's tokens on the host: none may be unread."""

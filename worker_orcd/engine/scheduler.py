@@ -50,6 +50,9 @@ class Scheduler:
         self.running: list[Sequence] = []  # in the order admitted
         self.num_preemptions = 0
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache, all told
+        # Sequences allowed to run at once: max_num_seqs, or fewer after a step ran out of
+        # device memory, until the running set empties.
+        self.max_running = config.max_num_seqs
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,6 +62,8 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         """Decide the next step and count its tokens as computed (the caller runs it)."""
+        if not self.running:
+            self.max_running = self.config.max_num_seqs
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
@@ -73,8 +78,8 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed, budget)
             end = seq.num_computed_tokens + num_tokens
             while not manager.can_allocate(seq, end) and seq in self.running:
-                victim = self.running.pop()
-                self._preempt(victim)
+                victim = self.running[-1]
+                self.preempt(victim)
                 preempted.append(victim)
             if seq.status is not SequenceStatus.RUNNING:
                 break  # it was the last one and had to go itself
@@ -87,7 +92,7 @@ class Scheduler:
             self.waiting
             and budget > 0
             and not preempted  # memory is short: let the running ones finish first
-            and len(self.running) < self.config.max_num_seqs
+            and len(self.running) < self.max_running
         ):
             seq = self.waiting[0]
             prefix = manager.match_prefix(seq.token_ids)
@@ -126,7 +131,14 @@ class Scheduler:
         seq.num_computed_tokens += num_tokens
         return ScheduledChunk(seq, start, num_tokens, samples=seq.num_uncomputed == 0)
 
-    def _preempt(self, seq: Sequence) -> None:
+    def cap_running(self, limit: int) -> None:
+        """Admit no sequence while `limit` or more run (lifted once none runs)."""
+        self.max_running = min(self.max_running, limit)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Send a running sequence back to the head of the queue, its blocks freed: it is
+        computed again from its longest cached prefix."""
+        self.running.remove(seq)
         self.block_manager.free(seq)
         seq.status = SequenceStatus.WAITING
         seq.num_computed_tokens = seq.num_cached_tokens = 0
