@@ -41,6 +41,13 @@ def test_the_hash_matches_its_integer_definition():
     assert len({stream_key(seed, i) for seed in range(50) for i in range(50)}) == 2500
 
 
+def test_a_batch_s_stream_keys_are_each_request_s_own_over_the_whole_seed_range():
+    seeds = [0, 7, 2**53 - 1, 2**63 - 1, 2**63, 2**64 - 1]
+    indices = [0, 3, 1000, 5, 2**31, 9]
+    keys = batch([SamplingParams()] * len(seeds), seeds, indices).keys
+    assert keys.tolist() == [stream_key(s, i) for s, i in zip(seeds, indices, strict=True)]
+
+
 def test_the_token_stays_on_the_logits_device_for_the_next_step():
     tokens = sample(LOGITS.expand(3, -1), batch([SamplingParams(top_p=0.9)] * 3))
     assert tokens.shape == (3,) and tokens.dtype == torch.long and tokens.device == LOGITS.device

@@ -33,8 +33,9 @@ def mix32(x: torch.Tensor | int) -> torch.Tensor | int:
     return x ^ (x >> 16)
 
 
-def stream_key(seed: int, index: int) -> int:
-    """The random stream of a request's `index`-th generated token: a function of both alone."""
+def stream_key(seed: torch.Tensor | int, index: torch.Tensor | int) -> torch.Tensor | int:
+    """The random stream of a request's `index`-th generated token: a function of both alone.
+    On ints, or on int64 tensors (a seed of 2**63 or more as its two's complement)."""
     return mix32(mix32(mix32(seed & M32) ^ (seed >> 32 & M32)) ^ (index & M32))
 
 
@@ -57,21 +58,24 @@ class SamplingBatch:
         histories: Sequence[Sequence[int]],
         device: torch.device,
     ):
-        def column(values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device)[:, None]
-
+        # two host-to-device copies: the float columns, then the integer ones
+        floats = [[p.temperature, p.repetition_penalty, p.top_p, p.min_p] for p in params]
+        self.temperatures, self.penalties, self.top_p, self.min_p = (
+            torch.tensor(floats, dtype=torch.float32).to(device).T[:, :, None]
+        )
+        # a seed's 64 bits as an int64 (two's complement): `stream_key` reads its halves
+        ints = [
+            [p.top_k, s - (1 << 64) if s >= 1 << 63 else s, i]
+            for p, s, i in zip(params, seeds, indices, strict=True)
+        ]
+        top_k, seed_bits, index = torch.tensor(ints, dtype=torch.long).to(device).T
+        self.top_k = top_k[:, None]
+        self.keys = stream_key(seed_bits, index)
         self.greedy = all(p.temperature == 0.0 for p in params)
-        self.temperatures = column([p.temperature for p in params])
-        self.penalties = column([p.repetition_penalty for p in params])
-        self.top_k = column([p.top_k for p in params], torch.long)
-        self.top_p = column([p.top_p for p in params])
-        self.min_p = column([p.min_p for p in params])
         # what the filters need to know on the host, known here without a device sync
         self.max_top_k = max(p.top_k for p in params)
         self.any_top_p = any(p.top_p < 1.0 for p in params)
         self.any_min_p = any(p.min_p > 0.0 for p in params)
-        self.keys = torch.tensor([stream_key(s, i) for s, i in zip(seeds, indices, strict=True)])
-        self.keys = self.keys.to(device)
         self.seen = None  # (rows, 1 + longest history) of ids; -1 pads
         if any(p.repetition_penalty != 1.0 for p in params):
             width = 1 + max(len(h) for h in histories)
