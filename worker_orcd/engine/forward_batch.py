@@ -17,6 +17,15 @@ from worker_orcd.engine.scheduler import ScheduledChunk
 QUERY_TILE = 16  # attention takes a sequence's query tokens this many at a time
 
 
+def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`, queued behind the device's work without waiting for it: a
+    copy to a GPU goes through pinned memory (from pageable memory it may wait for the stream,
+    and the host would stop running a step ahead)."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class HostBatch:
     """The batch as host lists. `pad` adds one-token rows that a CUDA graph of a fixed batch
@@ -131,7 +140,7 @@ class ForwardBatch:
     ) -> ForwardBatch:
         host = HostBatch.of(chunks, block_size)
         width = host.table_width
-        flat = host.packed(width).to(device, non_blocking=True)
+        flat = upload(host.packed(width), device)
         fields = flat[: host.num_fields]
         tables = flat[host.num_fields :].view(len(host.tables), width)
         return cls.view(fields, tables, host, block_size)

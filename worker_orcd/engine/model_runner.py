@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from worker_orcd.engine.cuda_graph import DecodeGraphs
-from worker_orcd.engine.forward_batch import ForwardBatch, HostBatch
+from worker_orcd.engine.forward_batch import ForwardBatch, HostBatch, upload
 from worker_orcd.engine.scheduler import ScheduledChunk
 from worker_orcd.engine.sequence import PLACEHOLDER, Sequence
 from worker_orcd.layers.sampler import SamplingBatch, sample
@@ -88,7 +88,7 @@ class ModelRunner:
             self.graphs.pad(host, size)
         rows, sources = self._placeholders(chunks)
         width = host.table_width
-        flat = host.packed(width, rows + sources).to(self.device, non_blocking=True)
+        flat = upload(host.packed(width, rows + sources), self.device)
         n = host.num_fields
         if size is not None:
             batch = self.graphs.load(size, host, flat)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from worker_orcd.engine.forward_batch import upload
 from worker_orcd.sampling_params import SamplingParams
 
 M32 = 0xFFFFFFFF
@@ -60,15 +61,15 @@ class SamplingBatch:
     ):
         # two host-to-device copies: the float columns, then the integer ones
         floats = [[p.temperature, p.repetition_penalty, p.top_p, p.min_p] for p in params]
-        self.temperatures, self.penalties, self.top_p, self.min_p = (
-            torch.tensor(floats, dtype=torch.float32).to(device).T[:, :, None]
-        )
+        self.temperatures, self.penalties, self.top_p, self.min_p = upload(
+            torch.tensor(floats, dtype=torch.float32), device
+        ).T[:, :, None]
         # a seed's 64 bits as an int64 (two's complement): `stream_key` reads its halves
         ints = [
             [p.top_k, s - (1 << 64) if s >= 1 << 63 else s, i]
             for p, s, i in zip(params, seeds, indices, strict=True)
         ]
-        top_k, seed_bits, index = torch.tensor(ints, dtype=torch.long).to(device).T
+        top_k, seed_bits, index = upload(torch.tensor(ints, dtype=torch.long), device).T
         self.top_k = top_k[:, None]
         self.keys = stream_key(seed_bits, index)
         self.greedy = all(p.temperature == 0.0 for p in params)
@@ -80,7 +81,7 @@ class SamplingBatch:
         if any(p.repetition_penalty != 1.0 for p in params):
             width = 1 + max(len(h) for h in histories)
             padded = [list(h) + [-1] * (width - len(h)) for h in histories]
-            self.seen = torch.tensor(padded, dtype=torch.long).to(device)
+            self.seen = upload(torch.tensor(padded, dtype=torch.long), device)
 
 
 def apply_repetition_penalty(
