@@ -45,15 +45,14 @@ class DecodeGraphs:
     def pad(self, host: HostBatch, size: int) -> None:
         host.pad(size, self.pad_block * self.cache.block_size, self.pad_block)
 
-    def load(self, size: int, host: HostBatch, flat: torch.Tensor) -> ForwardBatch:
-        """Copy a padded decode batch, packed as `host.packed(host.table_width)` and already on
-        the device, into the buffers of the graph for `size`; that graph's batch."""
+    def load(self, size: int, fields: torch.Tensor, tables: torch.Tensor) -> ForwardBatch:
+        """Copy a decode batch padded to `size`, already on the device (`HostBatch.unpack`),
+        into the buffers of the graph for `size`; that graph's batch."""
         if size not in self._graphs:
             self._capture(size)
-        _, fields, batch, _ = self._graphs[size]
-        n, width = host.num_fields, host.table_width
-        fields.copy_(flat[:n])
-        self.tables[:size, :width].copy_(flat[n : n + size * width].view(size, width))
+        _, static_fields, batch, _ = self._graphs[size]
+        static_fields.copy_(fields)
+        self.tables[:size, : tables.shape[1]].copy_(tables)
         return batch
 
     def replay(self, size: int) -> torch.Tensor:
@@ -67,7 +66,7 @@ class DecodeGraphs:
         buffers that hold a valid batch: padding rows alone."""
         template = HostBatch()
         self.pad(template, size)
-        fields = template.packed(1)[: template.num_fields].to(self.tables.device)
+        fields, _, _ = template.unpack(template.packed(1).to(self.tables.device), 1)
         block_size = self.cache.block_size
         max_context = self.max_blocks * block_size
         batch = ForwardBatch.view(fields, self.tables[:size], template, block_size, max_context)

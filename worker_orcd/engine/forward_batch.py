@@ -91,13 +91,17 @@ class HostBatch:
             values += table + [0] * (table_width - len(table))
         return torch.tensor(values + list(extra), dtype=torch.long)
 
+    def unpack(
+        self, flat: torch.Tensor, table_width: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`packed(table_width, extra)`, wherever it now lies, as its three parts: the fields,
+        the block tables (seqs, table_width) and `extra`."""
+        n = sum(self.sizes())
+        end = n + len(self.tables) * table_width
+        return flat[:n], flat[n:end].view(len(self.tables), table_width), flat[end:]
+
     def sizes(self) -> list[int]:
         return [len(getattr(self, name)) for name in FIELDS]
-
-    @property
-    def num_fields(self) -> int:
-        """Where the block tables start in `packed`."""
-        return sum(self.sizes())
 
 
 # The fields that travel to the device, in their packed order.
@@ -140,9 +144,7 @@ class ForwardBatch:
     ) -> ForwardBatch:
         host = HostBatch.of(chunks, block_size)
         width = host.table_width
-        flat = upload(host.packed(width), device)
-        fields = flat[: host.num_fields]
-        tables = flat[host.num_fields :].view(len(host.tables), width)
+        fields, tables, _ = host.unpack(upload(host.packed(width), device), width)
         return cls.view(fields, tables, host, block_size)
 
     @classmethod

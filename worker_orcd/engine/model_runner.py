@@ -24,7 +24,6 @@ class StepTokens:
     """The tokens a launched step draws, one per sampling chunk in order; `tolist` waits."""
 
     def __init__(self, tokens: torch.Tensor):
-        self.tokens = tokens
         self._host = tokens
         self._ready = None
         if tokens.is_cuda:
@@ -88,15 +87,15 @@ class ModelRunner:
             self.graphs.pad(host, size)
         rows, sources = self._placeholders(chunks)
         width = host.table_width
-        flat = upload(host.packed(width, rows + sources), self.device)
-        n = host.num_fields
+        fields, tables, fills = host.unpack(
+            upload(host.packed(width, rows + sources), self.device), width
+        )
         if size is not None:
-            batch = self.graphs.load(size, host, flat)
+            batch = self.graphs.load(size, fields, tables)
         else:
-            tables = flat[n : n + len(host.tables) * width].view(-1, width)
-            batch = ForwardBatch.view(flat[:n], tables, host, self.block_size)
+            batch = ForwardBatch.view(fields, tables, host, self.block_size)
         if rows:
-            fills = flat[n + len(host.tables) * width :].view(2, -1)
+            fills = fills.view(2, -1)
             batch.input_ids.index_copy_(0, fills[0], self._last[0].index_select(0, fills[1]))
         drawing = [chunk.seq for chunk in chunks if chunk.samples]
         if size is not None:
