@@ -27,9 +27,9 @@ python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" --depths "$DEPTHS" \
 
 wait $BUILD
 BIN=/tmp/llama-build/out/bin
-$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r 3 -p 512 -n 128 -d "0,$DEPTHS" -o json \
+$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r "${REPS:-3}" -p 512 -n 128 -d "0,$DEPTHS" -o json \
   >"$OUT/llama_bench.json" 2>"$OUT/llama_bench.log"
-$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r 3 -p 2048,8192 -n 0 -o json \
+$BIN/llama-bench -m "$MODEL" -ngl 99 -fa 1 -r "${REPS:-3}" -p 2048,8192 -n 0 -o json \
   >"$OUT/llama_bench_pp.json" 2>>"$OUT/llama_bench.log"
 $BIN/llama-batched-bench -m "$MODEL" -ngl 99 -c 33792 -b 2048 -ub 512 -npp 128 -ntg 128 \
   -npl "$BATCHES" >"$OUT/llama_batched.txt" 2>"$OUT/llama_batched.log"

@@ -28,6 +28,7 @@ from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.gguf.synth import random_blocks, synthesize
 from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, quantize_activation
 from worker_orcd.kernels.quant_matmul import quant_matmul
+from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.sampling_params import SamplingParams
 
 # The Qwen2.5-0.5B Q4_K_M matrices: (type, rows, cols).
@@ -57,18 +58,22 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
         blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
         dense = dequantize(blocks, qtype, (n, k)).double()
         matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
-        for m in (1, 64, 512):
+        for m in (1, 8, 32, 128, 512, 2048):
             x = torch.randn(m, k, device="cuda")
-            seen = x  # what the kernel multiplies: decode rounds x for integer formats
+            integer = qtype in INTEGER_DOT
+            seen = quantize_activation(x) if integer else x  # integer formats round x
             if m == 1:
                 call = functools.partial(gemv, x, matrix)
-                seen = quantize_activation(x) if qtype in INTEGER_DOT else x
+            elif integer:
+                call = functools.partial(lambda x, matrix: mmq(x, [matrix], [None])[0], x, matrix)
             else:
                 call = functools.partial(quant_matmul, x, blocks, qtype, (n, k))
             poison_allocator()
             y = call()
             finite = bool(torch.isfinite(y).all())
             error = relative_error(y, seen.double() @ dense.T)
+            # batch invariance at the kernel: a row's bits as the one-row GEMV computes them
+            same_bits = bool(torch.equal(y[m // 2 :][:1], gemv(x[m // 2 :][:1], matrix)))
             ms = triton.testing.do_bench_cudagraph(call, return_mode="median")
             gbps = blocks.numel() / ms / 1e6
             rows.append(
@@ -77,8 +82,10 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
                     m=m,
                     rel_error=error,
                     finite=finite,
+                    same_bits_as_gemv=same_bits,
                     ms=ms,
                     weight_gb_per_s=gbps,
+                    tops=2 * m * n * k / ms / 1e9,
                 )
             )
     return rows
@@ -206,7 +213,8 @@ def main() -> None:
         kernels,
         "\n".join(
             f"{row['kernel']:32s} m={row['m']:<4d} err={row['rel_error']:.1e} "
-            f"finite={row['finite']} {row['ms']:.4f} ms {row['weight_gb_per_s']:.0f} GB/s"
+            f"finite={row['finite']} bits={row['same_bits_as_gemv']} {row['ms']:.4f} ms "
+            f"{row['weight_gb_per_s']:.0f} GB/s {row['tops']:.1f} TOPS"
             for row in kernels
         ),
     )

@@ -1,17 +1,17 @@
 """Sweep the decode GEMV's tile shapes on the real Qwen2.5-0.5B matrices (device only).
 
-    python3 bench/tile_sweep.py [ROLE ...]
+    python3 bench/tile_sweep.py [ROLE ...] [--mmq-rows 8,32,128,2048] [--skip-gemv]
 For each of a decode layer's launches and the output head (or those named, as in `down head`),
 it captures one CUDA graph of many launches over distinct copies of the matrices, as decode
 runs them one after another over weights that are not in L2, and prints the time per launch of
-each configuration against the one `gemv_config` picks. Then prefill's matmul (dequantize +
-cuBLAS) at a few row counts.
+each GEMV configuration against the one `gemv_config` picks. Then the same launches through
+`mmq` at several row counts: tiles, K splits and warps against `mmq_config`'s choice.
 """
 
 from __future__ import annotations
 
+import argparse
 import functools
-import sys
 from collections.abc import Callable
 from dataclasses import astuple
 from types import SimpleNamespace
@@ -21,11 +21,18 @@ import torch
 import triton.testing
 from gguf import GGMLQuantizationType as T
 
-from bench.gpu_check import SHAPES
+from worker_orcd.cli import int_list
 from worker_orcd.engine.llm import resolve_device
 from worker_orcd.gguf.synth import random_blocks
-from worker_orcd.kernels.quant_gemv import GemvConfig, gemv, gemv_config, gemv_qkv, gemv_swiglu
-from worker_orcd.kernels.quant_matmul import quant_matmul
+from worker_orcd.kernels.quant_gemv import (
+    GemvConfig,
+    _units,
+    gemv,
+    gemv_config,
+    gemv_qkv,
+    gemv_swiglu,
+)
+from worker_orcd.kernels.quant_mmq import MmqConfig, mmq, mmq_config
 
 COLD_BYTES = 256 << 20  # copies per role: enough weight bytes that none stays in L2
 WARPS = (2, 4, 8)
@@ -118,25 +125,97 @@ def sweep_gemv(rng: np.random.Generator, names: list[str]) -> None:
         torch.cuda.empty_cache()
 
 
-def sweep_prefill(rng: np.random.Generator) -> None:
-    for qtype, n, k in SHAPES:
-        if n > 65536:
-            continue
-        blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
-        for m in (16, 64, 512):
+def _mmq_roles(rng: np.random.Generator, m: int) -> dict[str, tuple[list, Callable]]:
+    """A layer's launches at m rows through `mmq`: `launch(x, matrices, config)`."""
+    hidden, ffn = 896, 4864
+    norm = (torch.rand(hidden, device="cuda") + 0.5, 1e-6)
+    bias = [torch.randn(n, device="cuda") for n in (hidden, 128, 128)]
+    residual = torch.randn(m, hidden, device="cuda")
+    return {
+        "qkv": (
+            [
+                _matrix(t, n, hidden, rng)
+                for t, n in ((T.Q5_0, hidden), (T.Q5_0, 128), (T.Q8_0, 128))
+            ],
+            lambda x, w, c: mmq(x, w, bias, None, norm, config=c),
+        ),
+        "o_proj Q5_0": (
+            [_matrix(T.Q5_0, hidden, hidden, rng)],
+            lambda x, w, c: mmq(x, w, [None], residual, config=c),
+        ),
+        "gate+up Q5_0": (
+            [_matrix(T.Q5_0, ffn, hidden, rng) for _ in range(2)],
+            lambda x, w, c: mmq(x, w, [None, None], None, norm, swiglu=True, config=c),
+        ),
+        "down Q4_K": (
+            [_matrix(T.Q4_K, hidden, ffn, rng)],
+            lambda x, w, c: mmq(x, w, [None], residual, config=c),
+        ),
+        "down Q6_K": (
+            [_matrix(T.Q6_K, hidden, ffn, rng)],
+            lambda x, w, c: mmq(x, w, [None], residual, config=c),
+        ),
+        "head Q8_0": (
+            [_matrix(T.Q8_0, 151936, hidden, rng)],
+            lambda x, w, c: mmq(x, w, [None], None, norm, config=c),
+        ),
+    }
+
+
+def sweep_mmq(rng: np.random.Generator, names: list[str], rows: list[int]) -> None:
+    """`mmq`'s tiles, K splits and warps at decode batches and a prefill chunk, against the
+    configuration `mmq_config` picks (the matrices stay in L2 here, except the head's)."""
+    for m in rows:
+        for role, (matrices, launch) in _mmq_roles(rng, m).items():
+            if names and not any(name in role for name in names):
+                continue
+            n, k = matrices[0].shape
             x = torch.randn(m, k, device="cuda")
-            call = functools.partial(quant_matmul, x, blocks, qtype, (n, k))
-            us = triton.testing.do_bench_cudagraph(call, return_mode="median") * 1000
-            print(f"prefill {qtype.name} {n}x{k} m={m}: {us:.1f} us")
+            units = _units(int(matrices[0].qtype), k)
+            default = mmq_config(m, n, units, 1 + ("gate" in role), x.device)
+            configs = {default}
+            for bm in (16, 64, 128):
+                for bn in (32, 64, 128):
+                    if bm > max(16, triton.next_power_of_2(m)) or bm * bn > 8192:
+                        continue
+                    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+                    for split in {1, max(1, min(264 // tiles, units // 4))}:
+                        for warps in (4, 8) if bm * bn >= 8192 else (4,):
+                            configs.add(MmqConfig(bm, bn, split, warps))
+            results = []
+            for config in configs:
+                try:
+                    call = functools.partial(launch, x, matrices, config)
+                    results.append(
+                        (
+                            triton.testing.do_bench_cudagraph(call, return_mode="median") * 1000,
+                            config,
+                        )
+                    )
+                except Exception as error:  # out of shared memory or registers
+                    print(f"  {role} m={m} {config}: {type(error).__name__}")
+            results.sort(key=lambda result: result[0])
+            chosen = next(us for us, config in results if config == default)
+            macs = m * n * k * (2 if "gate" in role else 1)
+            print(
+                f"MMQ {role} m={m}: default {astuple(default)} {chosen:.1f} us "
+                f"({2 * macs / chosen / 1e6:.0f} TOPS); best "
+                f"{[(round(t, 1), *astuple(c)) for t, c in results[:4]]}",
+                flush=True,
+            )
 
 
 def main() -> None:
-    resolve_device("cuda")  # tf32 matmuls, as in serving
+    parser = argparse.ArgumentParser()
+    parser.add_argument("roles", nargs="*", help="a part of a role's name: qkv, down, head ...")
+    parser.add_argument("--mmq-rows", type=int_list, default=[8, 32, 128, 2048])
+    parser.add_argument("--skip-gemv", action="store_true")
+    args = parser.parse_args()
+    resolve_device("cuda")
     rng = np.random.default_rng(0)
-    names = sys.argv[1:]
-    sweep_gemv(rng, names)
-    if not names:
-        sweep_prefill(rng)
+    if not args.skip_gemv:
+        sweep_gemv(rng, args.roles)
+    sweep_mmq(rng, args.roles, args.mmq_rows)
 
 
 if __name__ == "__main__":

@@ -7,16 +7,22 @@ element) and unpacks them with shifts in registers into words of four 8-bit quan
 rounded to 8 bits per 32-element block (`quantize_activation`, llama.cpp's Q8_1), so one
 `dp4a` multiplies four weights by four elements of x and sums them in integers; per-block
 scales multiply the integer sums (llama.cpp's mmvq computes the same way). x is rounded either
-by each program, once per tile, or, where the programs are many or x is long, once by a launch
-of its own (`quantize_x`) whose output every program gathers. Formats without a word-level
-reader here (F32, F16, BF16, Q5_K, MXFP4) take the generic tile dequantizer and float x.
+by each program, once per tile, or once by a launch of its own (`quantize_x`) whose output
+every program gathers: where the programs are many or x is long, and wherever an RMSNorm comes
+first (its rms is a sum whose order follows the launch, and `quant_mmq` must see the same bits).
+Formats without a word-level reader (F32, F16, BF16, Q5_K, MXFP4) take the generic tile
+dequantizer and float x.
+
+Batch invariance: a unit's (block's, K-quant chunk's) float contribution comes from a
+`_combine_*` function that `quant_mmq` shares, each 128 elements' units are added in order, and
+those groups are summed in fixed point (`_fixed`), exact in any order. So a row's result is the
+same bits here as in `mmq`'s tiles of many rows, whatever the tile shapes or K splits.
 
 Riding in the same launch: RMSNorm of x (1/rms is a scalar that factors out of every dot
-product, and the norm weight multiplies x as it is loaded), bias, residual, SwiGLU over two
-matrices, and q, k and v, three matrices of one input. The torch reference is
-`quantize_activation(x) @ dequantize(W).T` (x unrounded for the generic formats) with the same
-neighbours applied in torch. Tiles are fixed per shape and there are no atomics, so the order
-of every sum, and so every result, is reproducible.
+product), bias, residual, SwiGLU over two matrices, and q, k and v, three matrices of one
+input. The torch reference is `quantize_activation(x) @ dequantize(W).T` (x unrounded for the
+generic formats) with the same neighbours applied in torch. Tiles are fixed per shape and there
+are no atomics, so every result is reproducible.
 
 A program covers whole rows: K is a compile-time constant, and the rows' words are loaded as
 one or two tiles (up to 2 * UNIT_CAP blocks) issued together, so a launch waits on memory once
@@ -156,6 +162,14 @@ def _word(low, high):
 
 
 @triton.jit
+def _float(i):
+    """float32 of an int32 of magnitude below 2^22 (every block's integer dot product here),
+    exactly, in an integer add and a float subtract: a conversion instruction has a fraction of
+    their throughput, and `mmq` makes one per output element per block."""
+    return (i + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0  # 1.5 * 2^23
+
+
+@triton.jit
 def _f32(half_bits):
     """float32 of f16 bit patterns loaded as 16-bit integers."""
     return half_bits.to(tl.float16, bitcast=True).to(tl.float32)
@@ -206,7 +220,6 @@ def _dot_q32(
 ):  # fmt: skip
     """Word j of a block's quants holds elements 4j..4j+3 in its bytes' low nibbles and
     16+4j.. in their high nibbles; Q5's high bits become bit 4 of each byte."""
-    HAS_MIN: tl.constexpr = QTYPE == 3 or QTYPE == 7
     HAS_HIGH: tl.constexpr = QTYPE == 6 or QTYPE == 7
     quants, scale, minimum, low, high = raw
     b = unit0 + tl.arange(0, NB)
@@ -220,12 +233,20 @@ def _dot_q32(
         q_low |= _spread_bits(bits) << 4
         q_high |= _spread_bits(bits >> 16) << 4
     dot = _dot_words(q_low, x_low) + _dot_words(q_high, x_high)
-    x_sum = x_sum + x_sum_high
+    return _combine_q32(dot, x_sum + x_sum_high, x_scale, scale, minimum, QTYPE)
+
+
+@triton.jit
+def _combine_q32(dot, x_sum, x_scale, scale, minimum, QTYPE: tl.constexpr):
+    """A Q4_0..Q5_1 block's contribution from its integer dot product with x's quants and the
+    sum of those quants (for the offset or the min). Every kernel that multiplies these blocks
+    calls this, so that a row's result does not depend on which kernel computed it."""
+    HAS_MIN: tl.constexpr = QTYPE == 3 or QTYPE == 7
     if HAS_MIN:
-        part = _f32(scale) * dot.to(tl.float32) + _f32(minimum) * x_sum.to(tl.float32)
+        part = _f32(scale) * _float(dot) + _f32(minimum) * _float(x_sum)
     else:
-        OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
-        part = _f32(scale) * (dot - OFFSET * x_sum).to(tl.float32)
+        OFFSET: tl.constexpr = 16 if QTYPE == 6 else 8
+        part = _f32(scale) * _float(dot - OFFSET * x_sum)
     return x_scale * part
 
 
@@ -247,7 +268,12 @@ def _dot_q8_0(raw, x_ptr, norm_ptr, unit0, n_units, NB: tl.constexpr, X: tl.cons
     )
     dot = _dot_words(_word(first[0], first[1]), x_first)
     dot += _dot_words(_word(second[0], second[1]), x_second)
-    return x_scale * _f32(scale) * dot.to(tl.float32)
+    return _combine_q8_0(dot, x_scale, scale)
+
+
+@triton.jit
+def _combine_q8_0(dot, x_scale, scale):
+    return x_scale * _f32(scale) * _float(dot)
 
 
 @triton.jit
@@ -299,14 +325,25 @@ def _dot_q4_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.const
     low_dot += _dot_words(second & 0x0F0F0F0F, low_x[1])
     high_dot = _dot_words((first >> 4) & 0x0F0F0F0F, high_x[0])
     high_dot += _dot_words((second >> 4) & 0x0F0F0F0F, high_x[1])
-    sub = 2 * (c % 4)[None, :]
+    return _combine_q4_k(
+        low_dot, high_dot, low_x[3] + low_x[4], high_x[3] + high_x[4], low_x[2], high_x[2],
+        header, scales, mins, extra, 2 * (c % 4)[None, :],
+    )  # fmt: skip
+
+
+@triton.jit
+def _combine_q4_k(
+    low_dot, high_dot, low_sum, high_sum, low_factor, high_factor,
+    header, scales, mins, extra, sub,
+):  # fmt: skip
+    """A Q4_K chunk's contribution from the integer dot products of its two sub-blocks (`sub`
+    and `sub` + 1) with x's quants and the sums of those quants (for the mins)."""
     low_scale, low_min = _k_scale_min(scales, mins, extra, sub)
     high_scale, high_min = _k_scale_min(scales, mins, extra, sub + 1)
-    low_factor, high_factor = low_x[2], high_x[2]
-    scaled = low_factor * low_scale * low_dot.to(tl.float32)
-    scaled += high_factor * high_scale * high_dot.to(tl.float32)
-    offsets = low_factor * low_min * (low_x[3] + low_x[4]).to(tl.float32)
-    offsets += high_factor * high_min * (high_x[3] + high_x[4]).to(tl.float32)
+    scaled = low_factor * low_scale * _float(low_dot)
+    scaled += high_factor * high_scale * _float(high_dot)
+    offsets = low_factor * low_min * _float(low_sum)
+    offsets += high_factor * high_min * _float(high_sum)
     d, dmin = _f32((header & 0xFFFF).to(tl.uint16)), _f32((header >> 16).to(tl.uint16))
     return d * scaled - dmin * offsets
 
@@ -354,11 +391,57 @@ def _dot_q6_k(raw, x_ptr, norm_ptr, unit0, n_units, G: tl.constexpr, X: tl.const
         ql = ql_low if k % 2 == 0 else ql_high
         q_first = ((ql[0] >> shift) & 0x0F0F0F0F) | (((qh[0] >> (2 * k)) & 0x03030303) << 4)
         q_second = ((ql[1] >> shift) & 0x0F0F0F0F) | (((qh[1] >> (2 * k)) & 0x03030303) << 4)
-        pair = scales[k].to(tl.int32)
-        dot = ((pair << 24) >> 24) * (_dot_words(q_first, x[0]) - 32 * x[3])
-        dot += ((pair << 16) >> 24) * (_dot_words(q_second, x[1]) - 32 * x[4])
-        total += x[2] * dot.to(tl.float32)
+        total += _quarter_q6_k(
+            _dot_words(q_first, x[0]), _dot_words(q_second, x[1]), x[3], x[4], x[2], scales[k]
+        )
     return _f32(d) * total
+
+
+@triton.jit
+def _quarter_q6_k(dot_first, dot_second, sum_first, sum_second, x_scale, pair):
+    """A Q6_K quarter's contribution before d: the integer dot products of its two 16-element
+    halves with x's quants, the sums of those quants (for the offset of 32), and the halves'
+    int8 scales as one 16-bit word `pair`."""
+    pair = pair.to(tl.int32)
+    dot = ((pair << 24) >> 24) * (dot_first - 32 * sum_first)
+    dot += ((pair << 16) >> 24) * (dot_second - 32 * sum_second)
+    return x_scale * dot.to(tl.float32)
+
+
+@triton.jit
+def _fixed(part):
+    """A group's float contribution (`_group`) as a fixed-point int64 with 32 fraction bits.
+    Integer sums are exact in any order, so a row's result is the same bits whatever the
+    kernel, tile, split or reduction tree that sums its groups (batch invariance); the range
+    is +-2^31, and the resolution 2^-32 is finer than float32's at any output above 2^-8."""
+    return (part * 4294967296.0).to(tl.int64)
+
+
+@triton.constexpr_function
+def _group(qtype: int) -> int:
+    """Units per group of 128 elements, summed in order in float32 before `_fixed`: the
+    conversion costs more than the block's own arithmetic in `mmq`."""
+    return {12: 2, 14: 1}.get(qtype, 4)
+
+
+@triton.jit
+def _grouped(parts, G: tl.constexpr):
+    """The sums of each G consecutive units' parts (rows, units) in unit order, as `mmq` adds
+    them: (rows, units / G). A masked sum of one element and zeros is that element, exactly."""
+    if G == 1:
+        total = parts
+    else:
+        grouped = tl.reshape(parts, (parts.shape[0], parts.shape[1] // G, G))
+        j = tl.arange(0, G)[None, None, :]
+        total = tl.sum(tl.where(j == 0, grouped, 0.0), axis=2)
+        for i in tl.static_range(1, G):
+            total += tl.sum(tl.where(j == i, grouped, 0.0), axis=2)
+    return total
+
+
+@triton.jit
+def _unfixed(acc):
+    return acc.to(tl.float32) * 2.3283064365386963e-10  # 2^-32, exact
 
 
 @triton.constexpr_function
@@ -372,10 +455,10 @@ def _units(qtype: int, k: int) -> int:
 def _step(qtype: int, k: int) -> int:
     """Units per full tile, a power of two, at most UNIT_CAP (registers): the row's units
     rounded up if that pads them by at most 1/8, else rounded down (a tail tile takes the
-    rest)."""
+    rest); whole groups."""
     units = _units(qtype, k)
     up = triton.next_power_of_2(units)
-    return min(up if 8 * units >= 7 * up else up // 2, UNIT_CAP)
+    return max(min(up if 8 * units >= 7 * up else up // 2, UNIT_CAP), _group(qtype))
 
 
 @triton.constexpr_function
@@ -389,7 +472,7 @@ def _end(qtype: int, k: int) -> int:
 def _tail(qtype: int, k: int) -> int:
     """Units in the last, partial tile (a power of two, masked), or 0."""
     rest = _units(qtype, k) - _end(qtype, k)
-    return triton.next_power_of_2(rest) if rest > 0 else 0
+    return max(triton.next_power_of_2(rest), _group(qtype)) if rest > 0 else 0
 
 
 @triton.constexpr_function
@@ -470,13 +553,17 @@ def _dot_rows(
     if _word_level(QTYPE):
         UNITS: tl.constexpr = _units(QTYPE, K)
         STEP: tl.constexpr = _step(QTYPE, K)
-        acc = tl.sum(_dot(first, x_ptr, norm_ptr, 0, UNITS, QTYPE, STEP, X), axis=1)
+        G: tl.constexpr = _group(QTYPE)
+        part = _dot(first, x_ptr, norm_ptr, 0, UNITS, QTYPE, STEP, X)
+        acc = tl.sum(_fixed(_grouped(part, G)), axis=1)
         for unit0 in tl.range(STEP, _end(QTYPE, K), STEP):
             raw = _load(row, rmask, unit0, UNITS, QTYPE, STEP)
-            acc += tl.sum(_dot(raw, x_ptr, norm_ptr, unit0, UNITS, QTYPE, STEP, X), axis=1)
+            part = _dot(raw, x_ptr, norm_ptr, unit0, UNITS, QTYPE, STEP, X)
+            acc += tl.sum(_fixed(_grouped(part, G)), axis=1)
         if _tail(QTYPE, K) > 0:
             tail = _dot(last, x_ptr, norm_ptr, _end(QTYPE, K), UNITS, QTYPE, _tail(QTYPE, K), X)
-            acc += tl.sum(tail, axis=1)
+            acc += tl.sum(_fixed(_grouped(tail, G)), axis=1)
+        acc = _unfixed(acc)
     else:
         acc = tl.zeros((BN,), dtype=tl.float32)
         for k0 in tl.range(0, K, GENERIC_BLOCK_K):
@@ -597,6 +684,9 @@ def _quantize_kernel(
         tl.extra.cuda.gdc_wait()
     b = tl.program_id(0) * BLOCKS + tl.arange(0, BLOCKS)
     mask = b < K // 32
+    row = tl.program_id(1).to(tl.int64)
+    x_ptr += row * K
+    out_ptr += row * (K // 32 * 12)
     squares = _squares(x_ptr, K, HAS_NORM)
     X: tl.constexpr = X_NORMED if HAS_NORM else X_FLOAT
     low, high, scale, sum_low, sum_high = _x_block(x_ptr, norm_ptr, 32 * b, mask, 1, X)
@@ -611,16 +701,17 @@ def _quantize_kernel(
 
 
 def quantize_x(x: torch.Tensor, norm: tuple[torch.Tensor, float] | None) -> torch.Tensor:
-    """x (1, K) rounded once for a GEMV whose programs would otherwise each round all of it:
-    a `QuantizedX`, int32 (K / 32, 12)."""
-    k = x.numel()
-    out = torch.empty(k // 32, 12, device=x.device, dtype=torch.int32)
+    """The rows of x (M, K), after the RMSNorm when given, rounded once for the matmul kernels
+    that gather them: a `QuantizedX` per row, int32 (M, K / 32, 12). One program's launch
+    shape serves every M, so a row's norm and quants do not depend on the rows beside it."""
+    m, k = x.shape
+    out = torch.empty(m, k // 32, 12, device=x.device, dtype=torch.int32)
     blocks = 8
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     pdl = uses_pdl(x.device)
-    _quantize_kernel[(triton.cdiv(k // 32, blocks),)](
+    _quantize_kernel[(triton.cdiv(k // 32, blocks), m)](
         x, norm_weight, eps, out, K=k, BLOCKS=blocks, HAS_NORM=norm is not None, PDL=pdl,
-        num_warps=1, launch_pdl=pdl,
+        num_warps=1, launch_pdl=pdl, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 
@@ -679,8 +770,11 @@ def _launch(
         per_matrix += [matrix.blocks, bias, out, matrix.shape[0]]
     qtypes = [int(matrices[min(i, len(matrices) - 1)].qtype) for i in range(3)]
     k, mode = x.numel(), X_NORMED if norm is not None else X_FLOAT
-    if config.quantize_first and all(m.qtype in INTEGER_DOT for m in matrices):
-        x, norm, mode = quantize_x(x, norm), None, X_QUANTIZED
+    # A norm's rms is a sum over the row whose order follows the launch shape: the rows it
+    # normalizes are rounded in `quantize_x`, which `mmq` shares, so both see the same bits.
+    integer = all(m.qtype in INTEGER_DOT for m in matrices)
+    if integer and (config.quantize_first or norm is not None):
+        x, norm, mode = quantize_x(x.view(1, k), norm), None, X_QUANTIZED
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     pdl = uses_pdl(x.device)
     _gemv_kernel[(programs,)](
@@ -689,6 +783,7 @@ def _launch(
         MATRICES=len(matrices), SWIGLU=swiglu, X=mode,
         HAS_BIAS=any(b is not None for b in biases), HAS_RESIDUAL=residual is not None,
         BN=config.block_n, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
+        enable_fp_fusion=False,
     )  # fmt: skip
     return outputs
 

@@ -1,12 +1,12 @@
-"""Prefill's matmuls, `y = x @ W.T` for many rows of x, with W in its GGUF blocks.
+"""Matmuls of many rows over formats that have no integer path (F16, BF16, F32, Q5_K, MXFP4),
+and embedding lookups: `y = x @ W.T` with W in its GGUF blocks.
 
 A Triton kernel dequantizes the matrix from its blocks into a transient float32 scratch (one
-matrix at a time, inside the planned workspace), and cuBLAS multiplies in tf32 on the tensor
-cores, as llama.cpp and vLLM do for large batches. VRAM holds the weights only as their blocks.
-A Triton GEMM that dequantized tiles inside `tl.dot` was slower at every row count measured,
-16 to 512 (bench/tile_sweep.py, BENCHMARKS.md), so there is none. Decode (one row) uses
-`quant_gemv`. The same kernel gathers rows for embedding lookups. The torch reference is
-`x @ dequantize(blocks).T`.
+matrix at a time, inside the planned workspace), and cuBLAS multiplies in tf32. VRAM holds the
+weights only as their blocks. The integer formats go through `quant_gemv` (one row) and
+`quant_mmq` (several), which give a row the same bits whatever its company; this path does not
+(cuBLAS picks its kernel by shape). The same kernel gathers rows for embedding lookups. The
+torch reference is `x @ dequantize(blocks).T`.
 """
 
 from __future__ import annotations

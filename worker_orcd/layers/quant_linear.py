@@ -2,9 +2,10 @@
 
 `QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
 keeps a dequantized float32 copy for speed, and the layers below are plain torch: they are the
-reference, batch-invariant through `tiled_linear`. On CUDA VRAM holds only the blocks: one token
-(decode) goes through `quant_gemv`, with the RMSNorm before it, its bias, residual, SwiGLU or
-its q/k/v siblings fused into one launch; many tokens (prefill) go through `quant_matmul`.
+reference, batch-invariant through `tiled_linear`. On CUDA VRAM holds only the blocks, and the
+RMSNorm before a layer, its bias, residual and SwiGLU ride in the matmul's launches: one row goes
+through `quant_gemv`, more rows through `quant_mmq` (the same bits per row as the GEMV), and
+formats that have no integer path through `quant_matmul`.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from torch import nn
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
-from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.kernels.quant_matmul import dequantize_rows, quant_matmul
+from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.layers.activation import SiluAndMul
 from worker_orcd.layers.norm import RMSNorm
 
@@ -90,6 +92,12 @@ def _fused_norm(norm: RMSNorm | None) -> tuple[torch.Tensor, float] | None:
     return None if norm is None else (norm.weight, norm.eps)
 
 
+def _batched(x: torch.Tensor, weights: list[QuantWeight]) -> bool:
+    """Whether rows of x go through `mmq`: several rows on CUDA, every weight in an integer
+    format."""
+    return x.is_cuda and x.shape[0] > 1 and all(w.qtype in INTEGER_DOT for w in weights)
+
+
 class QuantLinear(nn.Module):
     def __init__(self, weight: QuantWeight, bias: torch.Tensor | None = None):
         super().__init__()
@@ -108,6 +116,8 @@ class QuantLinear(nn.Module):
         w = self.weight
         if x.is_cuda and x.shape[0] == 1:
             return gemv(x, w, self.bias, residual, _fused_norm(norm))
+        if _batched(x, [w]):
+            return mmq(x, [w], [self.bias], residual, _fused_norm(norm))[0]
         if norm is not None:
             x = norm(x)
         if self._dense is None:
@@ -134,9 +144,13 @@ class QKVLinear(nn.Module):
     def forward(
         self, x: torch.Tensor, norm: RMSNorm | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        weights = [p.weight for p in self.projections]
+        biases = [p.bias for p in self.projections]
         if x.is_cuda and x.shape[0] == 1:
-            weights = [p.weight for p in self.projections]
-            q, k, v = gemv_qkv(x, weights, [p.bias for p in self.projections], _fused_norm(norm))
+            q, k, v = gemv_qkv(x, weights, biases, _fused_norm(norm))
+            return q, k, v
+        if _batched(x, weights):
+            q, k, v = mmq(x, weights, biases, None, _fused_norm(norm))
             return q, k, v
         if norm is not None:
             x = norm(x)
@@ -161,8 +175,11 @@ class QuantSwiGLU(nn.Module):
         self._dense = _stack_dense([gate, up])
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        weights = [self.gate.weight, self.up.weight]
         if x.is_cuda and x.shape[0] == 1:
-            return gemv_swiglu(x, self.gate.weight, self.up.weight, _fused_norm(norm))
+            return gemv_swiglu(x, *weights, _fused_norm(norm))
+        if _batched(x, weights):
+            return mmq(x, weights, [None, None], None, _fused_norm(norm), swiglu=True)[0]
         if norm is not None:
             x = norm(x)
         if self._dense is None:
