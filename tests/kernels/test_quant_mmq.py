@@ -12,8 +12,15 @@ from gguf import GGMLQuantizationType as T
 from tests.kernels.test_quant_gemv import TOLERANCE, Weight, inputs, product, relative_error
 from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.kernels.quant_mmq import MmqConfig, _split_buffers, mmq
+from worker_orcd.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def crowd(k: int, m: int, seed: int) -> tuple[torch.Tensor, tuple[torch.Tensor, float]]:
+    """m random rows of length k, and an RMSNorm's (weight, eps) on the device."""
+    x, norm = inputs(k, seed)
+    return rows_of(x, m, seed), (norm.weight.to(DEVICE), norm.eps)
 
 
 def rows_of(x: torch.Tensor, count: int, seed: int) -> torch.Tensor:
@@ -56,9 +63,8 @@ def test_a_row_is_the_same_bits_among_any_number_of_rows(random_weight, qtype: T
 
 def test_swiglu_and_qkv_match_their_gemvs_bit_for_bit(random_weight):
     k, m = 512, 3
-    x, norm = inputs(k, 11)
-    x = rows_of(x, m, 11)
-    on_device = (norm.weight.to(DEVICE), norm.eps)
+    x, on_device = crowd(k, m, 11)
+    norm = RMSNorm(on_device[0].cpu(), on_device[1])
     gate = Weight(random_weight(T.Q5_0, 72, k, 1), T.Q5_0, (72, k))
     up = Weight(random_weight(T.Q4_K, 72, k, 2), T.Q4_K, (72, k))
     (y,) = mmq(x.to(DEVICE), [gate, up], [None, None], norm=on_device, swiglu=True)
@@ -78,9 +84,7 @@ def test_swiglu_and_qkv_match_their_gemvs_bit_for_bit(random_weight):
 
 def test_k_split_across_programs_gives_the_same_bits_and_leaves_zeros(random_weight):
     k, m = 768, 20
-    x, norm = inputs(k, 13)
-    x = rows_of(x, m, 13)
-    on_device = (norm.weight.to(DEVICE), norm.eps)
+    x, on_device = crowd(k, m, 13)
     gate = Weight(random_weight(T.Q4_K, 40, k, 3), T.Q4_K, (40, k))
     up = Weight(random_weight(T.Q6_K, 40, k, 4), T.Q6_K, (40, k))
     whole, split = MmqConfig(32, 64, 1), MmqConfig(16, 32, 3)  # 12 chunks, 6 halves: 3 splits
