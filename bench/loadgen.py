@@ -6,8 +6,9 @@ Each of `--concurrency` workers sends streaming `/v1/completions` requests back 
 `--duration` seconds have passed (or `--requests` are sent), each with a prompt of random words
 and an output length drawn from `--mix` (`PROMPT_WORDS:MAX_TOKENS,...`), `ignore_eos` set so
 that lengths hold. With `--cancel-fraction`, that share of requests hangs up partway (a client
-that disconnects). It reports throughput, time to first token (TTFT), inter-token latency (ITL)
-and end-to-end latency at p50/p95/p99, and counts every request as ok, cancelled (by us) or
+that disconnects). It reports output throughput (tokens by each stream's final `usage`),
+time to first token (TTFT), inter-token latency (ITL: between text chunks, which a server may
+join when a client falls behind) and end-to-end latency at p50/p95/p99, and counts every request as ok, cancelled (by us) or
 failed: an HTTP error, an `error` chunk, or a stream that ended without `finish_reason` and
 `[DONE]` (a lost request).
 """
@@ -20,6 +21,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -32,7 +34,8 @@ class Outcome:
     ok: bool = False
     cancelled: bool = False
     error: str | None = None
-    tokens: int = 0  # chunks with text received (about one a token)
+    chunks: int = 0  # chunks with text received (a server may join several tokens in one)
+    tokens: int = 0  # the final usage chunk's completion_tokens, else the chunks
     ttft: float | None = None
     itls: list[float] = field(default_factory=list)
     seconds: float = 0.0
@@ -41,6 +44,16 @@ class Outcome:
 def parse_mix(text: str) -> list[tuple[int, int]]:
     pairs = [part.split(":") for part in text.split(",")]
     return [(int(words), int(tokens)) for words, tokens in pairs]
+
+
+async def sse_lines(response: httpx.Response) -> AsyncIterator[str]:
+    """The stream's lines, split only where SSE ends them (httpx's `aiter_lines` also splits
+    at U+2028 and other Unicode line breaks, which may occur inside a token's text)."""
+    buffer = b""
+    async for data in response.aiter_bytes():
+        *lines, buffer = (buffer + data).split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r").decode()
 
 
 async def one_request(
@@ -58,6 +71,7 @@ async def one_request(
         "prompt": prompt,
         "max_tokens": max_tokens,
         "stream": True,
+        "stream_options": {"include_usage": True},
         "temperature": 0.8,
         "ignore_eos": True,
     }
@@ -69,7 +83,7 @@ async def one_request(
             if response.status_code != 200:
                 outcome.error = f"HTTP {response.status_code}: {(await response.aread())[:200]!r}"
                 return outcome
-            async for line in response.aiter_lines():
+            async for line in sse_lines(response):
                 if not line.startswith("data:"):
                     continue
                 payload = line[5:].strip()
@@ -80,6 +94,8 @@ async def one_request(
                 if "error" in chunk:
                     outcome.error = f"error chunk: {chunk['error']}"
                     return outcome
+                if chunk.get("usage"):
+                    outcome.tokens = chunk["usage"]["completion_tokens"]
                 choice = chunk["choices"][0] if chunk["choices"] else {}
                 now = time.perf_counter()
                 if choice.get("text"):
@@ -88,8 +104,8 @@ async def one_request(
                     else:
                         outcome.itls.append(now - last)
                     last = now
-                    outcome.tokens += 1
-                    if hang_up and outcome.tokens >= hang_up:
+                    outcome.chunks += 1
+                    if hang_up and outcome.chunks >= hang_up:
                         outcome.cancelled = True
                         return outcome
                 finished = finished or choice.get("finish_reason") is not None
@@ -98,6 +114,7 @@ async def one_request(
         return outcome
     finally:
         outcome.seconds = time.perf_counter() - start
+    outcome.tokens = outcome.tokens or outcome.chunks
     if not (finished and done):
         outcome.error = "the stream ended without finish_reason and [DONE]"
     else:

@@ -174,13 +174,14 @@ def sweep_mmq(rng: np.random.Generator, names: list[str], rows: list[int]) -> No
             units = _units(int(matrices[0].qtype), k)
             default = mmq_config(m, n, units, 1 + ("gate" in role), x.device)
             configs = {default}
-            for bm in (16, 64, 128):
-                for bn in (32, 64, 128):
+            for bm in (16, 32, 64, 128):
+                for bn in (32, 64):
                     if bm > max(16, triton.next_power_of_2(m)) or bm * bn > 8192:
                         continue
-                    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-                    for split in {1, max(1, min(264 // tiles, units // 4))}:
-                        for warps in (4, 8) if bm * bn >= 8192 else (4,):
+                    for split in (1, 2, 4, 8):
+                        if split > units // 4:
+                            continue
+                        for warps in (4, 8) if bm * bn >= 4096 else (2, 4):
                             configs.add(MmqConfig(bm, bn, split, warps))
             results = []
             for config in configs:

@@ -57,6 +57,20 @@ def test_jobs_run_in_order_each_with_one_terminal_event(engine: Engine, llm: LLM
         assert "".join(c.text for c in alone) == "".join(e.text for e in events[1:-1])
 
 
+def test_tokens_queued_behind_a_slow_reader_arrive_joined_in_one_event(engine: Engine, llm: LLM):
+    async def scenario():
+        job = engine.submit("slow", llm.tokenizer.encode("One"), GREEDY)
+        while not job.done:  # a client that reads nothing until the job has ended
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.1)  # the engine's last delivery reaches the loop
+        return await collect(job)
+
+    events = run(scenario())
+    assert [type(e) for e in events] == [Started, Token, Finished]
+    assert events[1].index == 0
+    assert events[1].text == events[2].result.text and events[2].result.text
+
+
 def test_a_duplicate_or_empty_job_is_refused(engine: Engine, llm: LLM):
     async def scenario():
         job = engine.submit("same", llm.tokenizer.encode("Hello"), GREEDY)

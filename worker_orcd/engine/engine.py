@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,7 +34,7 @@ class Started:
 
 @dataclass(frozen=True)
 class Token:
-    index: int
+    index: int  # the n-th text event of its job, as its receiver counts (`Job.events` joins)
     text: str
 
 
@@ -97,18 +98,38 @@ class Job:
         self.ending: Failed | None = None  # a cancel's terminal event, once asked for
         self._tokens = 0
         self._loop = loop
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._pending: deque[Event] = deque()  # delivered, not yet read: the loop's alone
+        self._ready = asyncio.Event()
 
     async def events(self) -> AsyncIterator[Event]:
-        """The job's events in order, ending with its one terminal event."""
+        """The job's events in order, ending with its one terminal event. Tokens that queued
+        up while the reader was busy (a slow client) come as one `Token` of their joined text,
+        so that a stream that falls behind catches up in one write."""
+        index = 0
         while True:
-            event = await self._events.get()
+            while not self._pending:
+                self._ready.clear()
+                await self._ready.wait()
+            event = self._pending.popleft()
+            if isinstance(event, Token):
+                text = [event.text]
+                while self._pending and isinstance(self._pending[0], Token):
+                    text.append(self._pending.popleft().text)
+                event = Token(index, "".join(text))
+                index += 1
             yield event
             if isinstance(event, Finished | Failed):
                 return
 
-    def _emit(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+    def _push(self, events: Iterable[Event]) -> None:
+        """On the job's loop: take delivered events."""
+        self._pending.extend(events)
+        self._ready.set()
+
+
+def _push_all(deliveries: list[tuple[Job, Event]]) -> None:
+    for job, event in deliveries:
+        job._push((event,))
 
 
 Listener = Callable[[Job, Event], None]
@@ -127,6 +148,7 @@ class Engine:
         self._by_seq: dict[int, Job] = {}  # the engine thread's: sequence id to job
         self._inbox: list[Job] = []  # accepted, not yet taken by the engine thread
         self._cancels: list[Job] = []  # taken jobs whose cancel the engine thread must apply
+        self._outbox: list[tuple[Job, Event]] = []  # the engine thread's, until `_flush`
         self._lock = threading.Condition()
         self._accepting = True
         self._draining = False
@@ -198,7 +220,8 @@ class Engine:
                 self._cancels.append(job)
                 self._lock.notify()
                 return
-        self._send(job, ending)
+        self._notify(job, ending)
+        job._loop.call_soon_threadsafe(job._push, (ending,))
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new jobs and end those not yet started now; give the running ones `timeout`
@@ -237,10 +260,11 @@ class Engine:
                 for seq in list(core.scheduler.waiting):
                     if seq.scheduled_at is None:
                         self._end(self._by_seq[seq.seq_id], SHUTTING_DOWN)
-                if not core.has_unfinished():
-                    return
             if core.has_unfinished():
                 self._step()
+            self._flush()
+            if draining and not core.has_unfinished():
+                return
 
     def _step(self) -> None:
         try:
@@ -289,6 +313,20 @@ class Engine:
                 del self._jobs[job.job_id]
 
     def _send(self, job: Job, event: Event) -> None:
+        """On the engine thread: the event goes out with the rest of its step's (`_flush`)."""
+        self._notify(job, event)
+        self._outbox.append((job, event))
+
+    def _flush(self) -> None:
+        """Deliver the step's events: one wake-up of each event loop per step, not per token."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, Event]]] = {}
+        for job, event in self._outbox:
+            by_loop.setdefault(job._loop, []).append((job, event))
+        self._outbox = []
+        for loop, deliveries in by_loop.items():
+            loop.call_soon_threadsafe(_push_all, deliveries)
+
+    def _notify(self, job: Job, event: Event) -> None:
         if isinstance(event, Finished | Failed):
             # Free the id before the client can see the end: an immediate resubmission of the
             # same job_id must not race the engine thread into a 409.
@@ -296,4 +334,3 @@ class Engine:
             self._release(job)
         for listener in self._listeners:
             listener(job, event)
-        job._emit(event)

@@ -6,6 +6,7 @@ logits over the temperature plus Gumbel noise, which draws from their softmax. T
 counter-based stream: a hash of (seed, token index, vocabulary id), so a row's token depends on
 its own logits, parameters, seed and index, never on the other rows, the batch size or the order
 of requests (SGLang's deterministic sampling works the same way). Every operation is row-wise.
+On CUDA the noise and the argmax are one kernel (`kernels/sampling.py`); this is its reference.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import torch
 
 from worker_orcd.engine.forward_batch import upload
+from worker_orcd.kernels.sampling import gumbel_argmax
 from worker_orcd.sampling_params import SamplingParams
 
 M32 = 0xFFFFFFFF
@@ -123,6 +125,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.greedy:
         return logits.argmax(-1)
     greedy = batch.temperatures == 0.0
-    scaled = logits / torch.where(greedy, 1.0, batch.temperatures)
-    noisy = filter_logits(scaled, batch) + gumbel_noise(batch.keys, logits.shape[1])
-    return torch.where(greedy[:, 0], logits.argmax(-1), noisy.argmax(-1))
+    filtered = filter_logits(logits / torch.where(greedy, 1.0, batch.temperatures), batch)
+    if logits.is_cuda:
+        drawn = gumbel_argmax(filtered, batch.keys)  # the same draw in one pass
+    else:
+        drawn = (filtered + gumbel_noise(batch.keys, logits.shape[1])).argmax(-1)
+    return torch.where(greedy[:, 0], logits.argmax(-1), drawn)

@@ -3,7 +3,6 @@ OpenAI's `/v1`."""
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from worker_orcd.server.schemas import (
     ValidationErrorBody,
     field_errors,
 )
-from worker_orcd.server.streaming import event_stream
+from worker_orcd.server.streaming import event_stream, sse_json
 
 
 @dataclass
@@ -91,7 +90,7 @@ def invalid(*errors: FieldError) -> JSONResponse:
 
 
 def sse(event: str, **data: Any) -> dict[str, str]:
-    return {"event": event, "data": json.dumps({"type": event, **data}, ensure_ascii=False)}
+    return {"event": event, "data": sse_json({"type": event, **data})}
 
 
 async def execute_events(worker: Worker, job: Job) -> AsyncIterator[dict[str, str]]:

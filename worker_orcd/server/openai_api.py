@@ -11,7 +11,6 @@ answer is a JSON body or an SSE stream of `data:` chunks ending with `data: [DON
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -30,7 +29,7 @@ from worker_orcd.server.body import JSONRoute
 from worker_orcd.server.errors import OPENAI_ERRORS, STATUS_BY_CODE, ApiError
 from worker_orcd.server.narration import prompt_digest
 from worker_orcd.server.schemas import MAX_STOP_SEQUENCES, MAX_STOP_TOKENS
-from worker_orcd.server.streaming import event_stream
+from worker_orcd.server.streaming import event_stream, sse_json
 from worker_orcd.tokenizer import ChatTemplateError, Tokenizer
 
 if TYPE_CHECKING:
@@ -333,7 +332,7 @@ def data(payload: dict[str, Any] | str) -> dict[str, str]:
     """One SSE message with only a `data:` line, as OpenAI streams them."""
     if isinstance(payload, str):
         return {"data": payload}
-    return {"data": json.dumps(payload, ensure_ascii=False)}
+    return {"data": sse_json(payload)}
 
 
 async def stream_chunks(

@@ -1,0 +1,37 @@
+"""The one-pass Gumbel-max draw against the sampler's torch reference."""
+
+from __future__ import annotations
+
+import torch
+
+from worker_orcd.kernels.sampling import BLOCK, gumbel_argmax
+from worker_orcd.layers.sampler import gumbel_noise, stream_key
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_the_draw_is_the_reference_s_on_noise_alone_and_on_filtered_logits():
+    vocab = 2 * BLOCK + 77  # a partial last block
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.tensor(
+        [stream_key(seed, index) for seed, index in [(0, 0), (7, 3), (2**64 - 1, 9), (5, 2**31)]]
+        * 2
+    )
+    logits = torch.randn(8, vocab, generator=generator)
+    logits[:4] = 0.0  # the noise alone decides: any bit of the hash that differs shows
+    logits[5, torch.randperm(vocab, generator=generator)[: vocab - 3]] = -torch.inf  # top-k=3
+    expected = (logits + gumbel_noise(keys, vocab)).argmax(-1)
+    drawn = gumbel_argmax(logits.to(DEVICE), keys.to(DEVICE))
+    assert drawn.dtype == torch.long
+    assert drawn.cpu().tolist() == expected.tolist()
+    assert logits[5, drawn[5]] > -torch.inf
+
+
+def test_ties_go_to_the_lowest_id_as_torch_argmax_s_do():
+    logits = torch.full((1, 3 * BLOCK), -torch.inf)
+    logits[0, [5, BLOCK + 5]] = 1.0
+    keys = torch.zeros(1, dtype=torch.long)
+    noise = gumbel_noise(keys, 3 * BLOCK)
+    logits[0, BLOCK + 5] += noise[0, 5] - noise[0, BLOCK + 5]  # the same noisy value at both
+    expected = (logits + noise).argmax(-1)
+    assert gumbel_argmax(logits.to(DEVICE), keys.to(DEVICE)).cpu().tolist() == expected.tolist()
