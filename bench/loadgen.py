@@ -8,9 +8,9 @@ and an output length drawn from `--mix` (`PROMPT_WORDS:MAX_TOKENS,...`), `ignore
 that lengths hold. With `--cancel-fraction`, that share of requests hangs up partway (a client
 that disconnects). It reports output throughput (tokens by each stream's final `usage`),
 time to first token (TTFT), inter-token latency (ITL: between text chunks, which a server may
-join when a client falls behind) and end-to-end latency at p50/p95/p99, and counts every request as ok, cancelled (by us) or
-failed: an HTTP error, an `error` chunk, or a stream that ended without `finish_reason` and
-`[DONE]` (a lost request).
+join when a client falls behind) and end-to-end latency at p50/p95/p99, and counts every
+request as ok, cancelled (by us) or failed: an HTTP error, an `error` chunk, or a stream that
+ended without `finish_reason` and `[DONE]` (a lost request).
 """
 
 from __future__ import annotations
