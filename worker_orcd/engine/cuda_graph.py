@@ -6,6 +6,8 @@ token (decode) replays a graph captured for the next batch size on a ladder, its
 with one-token sequences that write only to the pool's spare block and read nothing of anyone's.
 Each graph reads its batch from static device buffers that a replay refills with two copies;
 prefill and mixed steps run eagerly. All graphs share one memory pool: they never run at once.
+Every size is captured when the engine starts, largest first (the pool grows once), as vLLM
+does: a capture in the middle of serving would stall every running stream for its duration.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ class DecodeGraphs:
             int, tuple[torch.cuda.CUDAGraph, torch.Tensor, ForwardBatch, torch.Tensor]
         ] = {}
         self._pool = torch.cuda.graph_pool_handle()
+        for size in reversed(self.sizes):
+            self._capture(size)
 
     def size_for(self, host: HostBatch) -> int | None:
         """The graph's batch size for a step, None when the step runs eagerly."""
@@ -48,8 +52,6 @@ class DecodeGraphs:
     def load(self, size: int, fields: torch.Tensor, tables: torch.Tensor) -> ForwardBatch:
         """Copy a decode batch padded to `size`, already on the device (`HostBatch.unpack`),
         into the buffers of the graph for `size`; that graph's batch."""
-        if size not in self._graphs:
-            self._capture(size)
         _, static_fields, batch, _ = self._graphs[size]
         static_fields.copy_(fields)
         self.tables[:size, : tables.shape[1]].copy_(tables)

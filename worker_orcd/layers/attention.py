@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker_orcd.engine.forward_batch import QUERY_TILE, ForwardBatch
+from worker_orcd.kernels.fused import rope_and_cache_
 from worker_orcd.kernels.paged_attention import KV_SPLIT, paged_attention_kernel
 from worker_orcd.layers.rotary import RotaryEmbedding
 
@@ -138,9 +139,13 @@ class Attention(nn.Module):
         `batch.positions`; returns (tokens, heads * dim)."""
         tokens = q.shape[0]
         keys, values = cache.keys[self.layer_index], cache.values[self.layer_index]
-        q = self.rotary(q.view(tokens, -1, self.head_dim), batch.positions)
-        k = self.rotary(k.view(tokens, -1, self.head_dim), batch.positions)
-        keys.index_copy_(0, batch.slot_mapping, k.to(keys.dtype))
-        values.index_copy_(0, batch.slot_mapping, v.view(tokens, -1, self.head_dim).to(keys.dtype))
-        attend = paged_attention_kernel if q.is_cuda else paged_attention
-        return attend(q, keys, values, batch, self.scale).reshape(tokens, -1)
+        q, k, v = (t.view(tokens, -1, self.head_dim) for t in (q, k, v))
+        if q.is_cuda:
+            rope_and_cache_(
+                q, k, v, batch.positions, self.rotary.tables, keys, values, batch.slot_mapping
+            )
+            return paged_attention_kernel(q, keys, values, batch, self.scale).reshape(tokens, -1)
+        q = self.rotary(q, batch.positions)
+        keys.index_copy_(0, batch.slot_mapping, self.rotary(k, batch.positions).to(keys.dtype))
+        values.index_copy_(0, batch.slot_mapping, v.to(keys.dtype))
+        return paged_attention(q, keys, values, batch, self.scale).reshape(tokens, -1)

@@ -12,8 +12,6 @@ from enum import Enum
 import torch
 from torch import nn
 
-from worker_orcd.kernels.fused import rope_
-
 
 class RopeStyle(Enum):
     INTERLEAVED = "interleaved"
@@ -34,12 +32,14 @@ class RotaryEmbedding(nn.Module):
         self.cos, self.sin = self.cos.to(device), self.sin.to(device)
         return self
 
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """What the fused kernel (`rope_and_cache_`) needs: cos, sin, whether interleaved."""
+        return self.cos, self.sin, self.style is RopeStyle.INTERLEAVED
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate `x` of shape (tokens, heads, head_dim) by each token's position (on CUDA, in
-        place)."""
-        if x.is_cuda:
-            interleaved = self.style is RopeStyle.INTERLEAVED
-            return rope_(x.contiguous(), positions, self.cos, self.sin, interleaved)
+        """Rotate `x` of shape (tokens, heads, head_dim) by each token's position: the
+        reference of `kernels.fused.rope_and_cache_`, which CUDA runs instead."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         if self.style is RopeStyle.INTERLEAVED:
