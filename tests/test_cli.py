@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,9 +13,10 @@ import pytest
 from worker_orcd.gguf.reader import GGUFFile
 
 
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "worker_orcd.cli", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+    environment = {**os.environ, **(env or {})}
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment)
 
 
 def test_generate_json_is_reproducible(smollm2_path: Path):
@@ -64,6 +66,13 @@ def test_an_unregistered_architecture_is_refused(gemma_path: Path):
     )
 
 
+def test_a_known_model_that_cannot_run_is_refused_before_downloading(tmp_path: Path):
+    home = tmp_path / "home"
+    refused = cli("generate", "--model", "gemma3-270m", "hi", env={"WORKER_ORCD_HOME": str(home)})
+    clean_failure(refused, "Unsupported architecture: gemma3 (supported: llama, qwen2)")
+    assert not home.exists()  # not a byte downloaded
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
@@ -78,8 +87,12 @@ def test_bad_arguments_fail_cleanly(args: tuple[str, ...], expected: str):
 def test_models_list_and_inspect(smollm2_path: Path):
     listing = cli("models", "list")
     assert listing.returncode == 0
-    for name in ("smollm2-135m (default)", "qwen2.5-coder-0.5b", "gemma3-270m"):
-        assert name in listing.stdout
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:4] == ["NAME", "SIZE", "RUNS", "STATUS"]
+    for name, runs in [("smollm2-135m (default)", "yes"), ("gemma3-270m", "no (gemma3)")]:
+        (line,) = [line for line in lines if line.startswith(name)]
+        assert runs in line
+    assert "qwen2.5-coder-0.5b" in listing.stdout
     assert str(smollm2_path) in listing.stdout
     report = cli("inspect", "smollm2-135m")
     assert report.returncode == 0, report.stderr

