@@ -84,13 +84,18 @@ def test_an_unsupported_architecture_exits_1(
     assert len(lines) == 1 and "Unsupported architecture: gemma3" in lines[0], lines
 
 
-def test_a_port_in_use_exits_1(start_server: StartServer, tmp_path: Path, smollm2_path: Path):
+def test_a_port_in_use_exits_1_before_the_model_loads(
+    start_server: StartServer, tmp_path: Path, smollm2_path: Path
+):
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = str(taken.getsockname()[1])
         server = start_server(smollm2_path, tmp_path / "worker.log", "--port", port)
         code, lines = failed_startup(server)
     assert code == 1
     assert len(lines) == 1 and port in lines[0] and "in use" in lines[0], lines
+    events = [record["event"] for record in server.logs()]
+    assert events == ["startup", "error"]  # no model load began
+    assert server.logs()[-1]["code"] == "BIND_FAILED"
 
 
 class Callbacks(HTTPServer):

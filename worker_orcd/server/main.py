@@ -217,11 +217,19 @@ def fail(narrate: Narrator, code: str, line: str) -> int:
     return 1
 
 
+def bind_failed(narrate: Narrator, options: ServeOptions, error: OSError) -> int:
+    return fail(narrate, "BIND_FAILED", f"HTTP bind failed: {options.host}:{options.port}: {error}")
+
+
 def serve(options: ServeOptions) -> int:
     gpu = options.gpu_device if options.device != "cpu" else None
     narrate = Narrator(options.worker_id, options.model, gpu)
     capture_stderr(narrate)
     narrate("startup", host=options.host, port=options.port, device=options.device)
+    try:  # an address in use costs a second here, not a model load (it is bound again below)
+        socket.create_server((options.host, options.port)).close()
+    except OSError as error:
+        return bind_failed(narrate, options, error)
     try:
         device = resolve_device(options.device, options.gpu_device)
     except ValueError as error:
@@ -283,9 +291,7 @@ def serve(options: ServeOptions) -> int:
         # delayed ACKs added ~40 ms to every keep-alive request and to streamed SSE events.
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     except OSError as error:
-        return fail(
-            narrate, "BIND_FAILED", f"HTTP bind failed: {options.host}:{options.port}: {error}"
-        )
+        return bind_failed(narrate, options, error)
     limits = options.limits
     config = uvicorn.Config(
         create_app(worker, limits),
