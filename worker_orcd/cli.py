@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from worker_orcd.models import UnsupportedArchitectureError
 from worker_orcd.sampling_params import SamplingParams
 from worker_orcd.tokenizer import TokenizerError
 
+API_KEY_ENV = "WORKER_ORCD_API_KEY"
 CTX_HELP = "KV cache positions: the model's context, capped at this (default %(default)s)"
 USER_ERRORS = (
     InsufficientVram,
@@ -108,6 +110,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         gpu_memory_utilization=args.gpu_memory_utilization,
         shutdown_timeout=args.shutdown_timeout,
         limits=HttpLimits(read_timeout=args.http_timeout, max_connections=args.max_connections),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
     )
     raise SystemExit(serve(options))
 
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=512,
         help="open HTTP connections; the next one gets 503 (default %(default)s)",
+    )
+    serve.add_argument(
+        "--api-key",
+        help=f"require `Authorization: Bearer KEY` on every endpoint but /health (default: "
+        f"${API_KEY_ENV}, else none)",
     )
     serve.set_defaults(run=cmd_serve)
 

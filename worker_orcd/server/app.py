@@ -135,14 +135,17 @@ async def execute_events(worker: Worker, job: Job) -> AsyncIterator[dict[str, st
             worker.engine.abort(job)
 
 
-def create_app(worker: Worker, limits: HttpLimits | None = None) -> FastAPI:
+def create_app(
+    worker: Worker, limits: HttpLimits | None = None, api_key: str | None = None
+) -> FastAPI:
+    """The HTTP app; with `api_key`, every endpoint but /health asks for it."""
     app = FastAPI(
         title="worker-orcd",
         version=__version__,
         summary="Inference worker for one GGUF model: SSE streaming, seeded sampling.",
     )
     app.router.route_class = JSONRoute
-    app.add_middleware(WorkerMiddleware, limits=limits or HttpLimits())
+    app.add_middleware(WorkerMiddleware, limits=limits or HttpLimits(), api_key=api_key)
     app.state.worker = worker
 
     @app.exception_handler(RequestValidationError)

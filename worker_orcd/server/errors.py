@@ -74,6 +74,7 @@ def documented(model: type[BaseModel], statuses: dict[int, str]) -> dict[int | s
 
 # What any request may be answered before its route runs (the middleware, the connection cap).
 TRANSPORT_ERRORS = {
+    401: "the worker asks for an API key (`--api-key`) and the request lacks it",
     408: "a part of the body did not arrive within the read timeout",
     413: "the body is larger than 1 MiB",
     503: "shutting down, or too many connections: retry after Retry-After seconds",

@@ -67,6 +67,7 @@ class ServeOptions:
     gpu_memory_utilization: float = EngineConfig.gpu_memory_utilization
     shutdown_timeout: float = SHUTDOWN_TIMEOUT_SECONDS
     limits: HttpLimits = field(default_factory=HttpLimits)
+    api_key: str | None = None  # every endpoint but /health then asks for it; never logged
     residency_interval: float = 60.0  # seconds between residency checks (M0-W-1012)
 
 
@@ -294,7 +295,7 @@ def serve(options: ServeOptions) -> int:
         return bind_failed(narrate, options, error)
     limits = options.limits
     config = uvicorn.Config(
-        create_app(worker, limits),
+        create_app(worker, limits, options.api_key),
         http=GuardedProtocol.factory(limits),
         log_config=None,
         access_log=False,

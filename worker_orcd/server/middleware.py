@@ -1,5 +1,5 @@
-"""ASGI middleware: correlation ids on every request and response, and the body's framing, size
-and read deadline checked before any route runs.
+"""ASGI middleware: correlation ids on every request and response, the API key when one is set,
+and the body's framing, size and read deadline, all checked before any route runs.
 
 Written against raw ASGI rather than Starlette's BaseHTTPMiddleware so that streaming (SSE)
 responses pass through untouched and still get the header on their first message.
@@ -8,6 +8,7 @@ responses pass through untouched and still get the header on their first message
 from __future__ import annotations
 
 import asyncio
+import hmac
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,6 +18,7 @@ from worker_orcd.server.errors import error_response
 from worker_orcd.server.narration import current_correlation_id
 
 HEADER = "x-correlation-id"
+OPEN_PATHS = {"/health"}  # answered without the API key: an orchestrator's liveness probe
 
 
 def valid_correlation_id(value: str | None) -> str | None:
@@ -29,10 +31,19 @@ def valid_correlation_id(value: str | None) -> str | None:
         return None
 
 
+def authorized(headers: dict[bytes, bytes], api_key: str) -> bool:
+    """Whether the request carries `Authorization: Bearer <api_key>`, compared in constant
+    time (how long the check takes tells nothing of the key)."""
+    given = headers.get(b"authorization", b"")
+    scheme, _, token = given.partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), api_key.encode())
+
+
 class WorkerMiddleware:
-    def __init__(self, app: ASGIApp, limits: HttpLimits):
+    def __init__(self, app: ASGIApp, limits: HttpLimits, api_key: str | None = None):
         self.app = app
         self.limits = limits
+        self.api_key = api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -54,7 +65,18 @@ class WorkerMiddleware:
             framing is lost (RFC 9112 section 6.3)."""
             response = error_response(scope["path"], status, code, message)
             response.headers["connection"] = "close"
+            if status == 401:
+                response.headers["www-authenticate"] = "Bearer"
             await response(scope, receive, send_with_id)
+
+        if (
+            self.api_key
+            and scope["path"] not in OPEN_PATHS
+            and not authorized(headers, self.api_key)
+        ):
+            message = "a valid API key is required: send the header Authorization: Bearer <key>"
+            await refuse(401, "UNAUTHORIZED", message)
+            return
 
         if b"transfer-encoding" in headers and b"content-length" in headers:
             message = "Content-Length and Transfer-Encoding together: the body's length is unclear"
