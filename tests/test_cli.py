@@ -73,15 +73,44 @@ def test_a_known_model_that_cannot_run_is_refused_before_downloading(tmp_path: P
     assert not home.exists()  # not a byte downloaded
 
 
+def test_an_unknown_model_name_fails_cleanly():
+    clean_failure(
+        cli("generate", "--model", "no-such-model", "hi"),
+        "neither an existing file nor a known name",
+    )
+
+
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (("--temperature", "3"), "temperature=3.0"),
-        (("--model", "no-such-model"), "neither an existing file nor a known name"),
+        (("generate", "--temperature", "5", "hi"), "--temperature: must be within 0-2, got 5.0"),
+        (("generate", "--top-p", "1.5", "hi"), "--top-p: must be within 0-1, got 1.5"),
+        (("generate", "--max-tokens", "0", "hi"), "--max-tokens: must be at least 1, got 0"),
+        (("generate", "--top-k", "-1", "hi"), "--top-k: must be at least 0, got -1"),
+        (
+            ("generate", "--repetition-penalty", "0", "hi"),
+            "--repetition-penalty: must be above 0 and at most 2, got 0.0",
+        ),
+        (
+            ("generate", "--seed", "-3", "hi"),
+            "--seed: must be at least 0 and below 18446744073709551616, got -3",
+        ),
+        (("generate", "--temperature", "hot", "hi"), "--temperature: expected a number, got"),
+        (("serve", "--port", "80"), "--port: must be within 1024-65535, got 80"),
+        (
+            ("serve", "--gpu-memory-utilization", "1.5"),
+            "--gpu-memory-utilization: must be above 0 and at most 1, got 1.5",
+        ),
+        (("serve", "--max-num-seqs", "0"), "--max-num-seqs: must be at least 1, got 0"),
+        (("serve", "--http-timeout", "0"), "--http-timeout: must be above 0, got 0.0"),
+        (("bench", "--repeats", "0"), "--repeats: must be at least 1, got 0"),
+        (("bench", "--ctx-size", "1"), "--ctx-size: must be at least 2, got 1"),
     ],
 )
-def test_bad_arguments_fail_cleanly(args: tuple[str, ...], expected: str):
-    clean_failure(cli("generate", *args, "hi"), expected)
+def test_an_out_of_range_parameter_names_its_range_and_value(args: tuple[str, ...], expected: str):
+    run = cli(*args)
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert expected in run.stderr.strip().splitlines()[-1]
 
 
 def test_models_list_and_inspect(smollm2_path: Path):

@@ -20,7 +20,7 @@ from worker_orcd.engine.memory import InsufficientVram
 from worker_orcd.gguf.reader import GGUFError, GGUFFile
 from worker_orcd.gguf.synth import PRESETS as PRESET_NAMES
 from worker_orcd.models import UnsupportedArchitectureError
-from worker_orcd.sampling_params import SamplingParams
+from worker_orcd.sampling_params import BOUNDS, Bounds, SamplingParams
 from worker_orcd.tokenizer import TokenizerError
 
 API_KEY_ENV = "WORKER_ORCD_API_KEY"
@@ -122,11 +122,28 @@ def worker_id(value: str) -> str:
         raise argparse.ArgumentTypeError(f"expected a UUID, found {value!r}") from None
 
 
-def port(value: str) -> int:
-    number = int(value)
-    if not 1024 <= number <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port from 1024 to 65535, found {number}")
-    return number
+def bounded(kind: type[int] | type[float], bounds: Bounds) -> Callable[[str], float]:
+    """An argparse type: the value in `bounds`, else an error that states the valid range and
+    what was given (argparse names the parameter: `argument --temperature: must be ...`)."""
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not bounds.holds(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds.describe()}, got {value!r}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse's own message for a bad value names the type
+    return parse
+
+
+POSITIVE = bounded(int, Bounds(ge=1))
+PORT = bounded(int, Bounds(ge=1024, le=65535))
+SECONDS = bounded(float, Bounds(gt=0.0))
+CONTEXT = bounded(int, Bounds(ge=2))  # a prompt token and a generated one
 
 
 def int_list(text: str) -> tuple[int, ...]:
@@ -212,17 +229,32 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt")
     generate.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
     generate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    generate.add_argument("--max-tokens", type=int, default=256)
-    generate.add_argument("--temperature", type=float, default=1.0, help="0 is greedy")
-    generate.add_argument("--seed", type=int, help="generated and reported when absent")
-    generate.add_argument("--top-k", type=int, default=0, help="0 disables")
-    generate.add_argument("--top-p", type=float, default=1.0, help="1 disables")
-    generate.add_argument("--min-p", type=float, default=0.0, help="0 disables")
-    generate.add_argument("--repetition-penalty", type=float, default=1.0, help="1 disables")
+    generate.add_argument("--max-tokens", type=POSITIVE, default=256)
+    generate.add_argument(
+        "--temperature", type=bounded(float, BOUNDS["temperature"]), default=1.0, help="0 is greedy"
+    )
+    generate.add_argument(
+        "--seed", type=bounded(int, BOUNDS["seed"]), help="generated and reported when absent"
+    )
+    generate.add_argument(
+        "--top-k", type=bounded(int, BOUNDS["top_k"]), default=0, help="0 disables"
+    )
+    generate.add_argument(
+        "--top-p", type=bounded(float, BOUNDS["top_p"]), default=1.0, help="1 disables"
+    )
+    generate.add_argument(
+        "--min-p", type=bounded(float, BOUNDS["min_p"]), default=0.0, help="0 disables"
+    )
+    generate.add_argument(
+        "--repetition-penalty",
+        type=bounded(float, BOUNDS["repetition_penalty"]),
+        default=1.0,
+        help="1 disables",
+    )
     generate.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    generate.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    generate.add_argument("--ctx-size", type=CONTEXT, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     generate.set_defaults(run=cmd_generate)
 
     serve = commands.add_parser("serve", help="run the HTTP worker (SSE, health, cancel, /v1)")
@@ -233,49 +265,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=str(uuid.uuid4()),
         help="this worker's UUID (default: a new one)",
     )
-    serve.add_argument("--gpu-device", type=int, default=0, help="CUDA device index")
-    serve.add_argument("--port", type=port, default=8080)
+    serve.add_argument(
+        "--gpu-device", type=bounded(int, Bounds(ge=0)), default=0, help="CUDA device index"
+    )
+    serve.add_argument("--port", type=PORT, default=8080)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     serve.add_argument(
         "--callback-url", help="POSTed {worker_id, model_ref, vram_bytes, uri} when ready"
     )
-    serve.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    serve.add_argument("--ctx-size", type=CONTEXT, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     serve.add_argument(
         "--max-num-seqs",
-        type=int,
+        type=POSITIVE,
         default=256,
         help="sequences decoded together in one batch (default %(default)s)",
     )
     serve.add_argument(
         "--max-queued",
-        type=int,
+        type=POSITIVE,
         default=1024,
         help="jobs waiting to start; the next one gets 503 QUEUE_FULL (default %(default)s)",
     )
     serve.add_argument(
         "--gpu-memory-utilization",
-        type=float,
+        type=bounded(float, Bounds(gt=0.0, le=1.0)),
         default=0.90,
         help="share of the GPU's memory for weights, activations and the KV cache "
         "(default %(default)s)",
     )
     serve.add_argument(
         "--shutdown-timeout",
-        type=float,
+        type=bounded(float, Bounds(ge=0.0)),
         default=4.0,
         help="seconds running jobs get to finish after SIGTERM or /shutdown (default %(default)s)",
     )
     serve.add_argument(
         "--http-timeout",
-        type=float,
+        type=SECONDS,
         default=10.0,
         help="seconds a client gets for a request's headers and each part of its body "
         "(default %(default)s)",
     )
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=POSITIVE,
         default=512,
         help="open HTTP connections; the next one gets 503 (default %(default)s)",
     )
@@ -289,11 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="prefill and decode speed, like llama-bench")
     bench.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
     bench.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    bench.add_argument("--prompt-tokens", type=int, default=512, help="pp: prefill length")
-    bench.add_argument("--gen-tokens", type=int, default=128, help="tg: tokens generated")
-    bench.add_argument("--repeats", type=int, default=5, help="runs per figure (median)")
+    bench.add_argument("--prompt-tokens", type=POSITIVE, default=512, help="pp: prefill length")
+    bench.add_argument("--gen-tokens", type=POSITIVE, default=128, help="tg: tokens generated")
+    bench.add_argument("--repeats", type=POSITIVE, default=5, help="runs per figure (median)")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
-    bench.add_argument("--ctx-size", type=int, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+    bench.add_argument("--ctx-size", type=CONTEXT, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     bench.add_argument(
         "--depths", type=int_list, default=(), help="e.g. 512,2048: pp and tg at these depths"
     )
@@ -305,7 +339,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = commands.add_parser("synth", help="write a random-weight GGUF of a real model's shape")
     synth.add_argument("--preset", required=True, choices=sorted(PRESET_NAMES))
     synth.add_argument("--output", required=True, type=Path)
-    synth.add_argument("--layers", type=int, help="fewer layers than the preset, for quick tests")
+    synth.add_argument(
+        "--layers", type=POSITIVE, help="fewer layers than the preset, for quick tests"
+    )
     synth.add_argument("--tokenizer-from", type=Path, help="copy the tokenizer of this GGUF")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=cmd_synth)

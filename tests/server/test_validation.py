@@ -183,3 +183,21 @@ def test_a_job_id_that_is_running_is_refused_with_409(server: RunningServer):
         assert response.status_code == 409
         assert response.json()["code"] == "DUPLICATE_JOB_ID"
         assert running.is_alive()  # the first job is untouched
+
+
+def test_the_http_schemas_state_the_ranges_the_cli_checks():
+    from worker_orcd.sampling_params import BOUNDS
+    from worker_orcd.server.openai_api import CompletionRequest
+    from worker_orcd.server.schemas import ExecuteRequest
+
+    keys = {"ge": "minimum", "gt": "exclusiveMinimum", "le": "maximum", "lt": "exclusiveMaximum"}
+    for model, names in [
+        (ExecuteRequest, ["temperature", "top_p", "top_k", "min_p", "repetition_penalty"]),
+        (CompletionRequest, ["temperature", "top_p", "min_p", "repetition_penalty"]),
+    ]:
+        properties = model.model_json_schema()["properties"]
+        for name in names:
+            stated = {
+                key: properties[name][key] for key in keys.values() if key in properties[name]
+            }
+            assert stated == {keys[k]: v for k, v in BOUNDS[name].field().items()}, name

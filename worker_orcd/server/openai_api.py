@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from worker_orcd.engine.engine import Engine, Failed, Finished, Job, JobRejected, Started, Token
 from worker_orcd.engine.output import GenerationResult
-from worker_orcd.sampling_params import SamplingParams
+from worker_orcd.sampling_params import BOUNDS, SamplingParams
 from worker_orcd.server.body import JSONRoute
 from worker_orcd.server.errors import OPENAI_ERRORS, STATUS_BY_CODE, ApiError
 from worker_orcd.server.narration import prompt_digest
@@ -86,11 +86,13 @@ class GenerationRequest(OpenAIModel):
 
     model: str | None = Field(None, description="the served model's id; absent means that one")
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, ge=0.0, le=1.0, description="1 disables")
+    temperature: float = Field(1.0, **BOUNDS["temperature"].field(), description="0 is greedy")
+    top_p: float = Field(1.0, **BOUNDS["top_p"].field(), description="1 disables")
     top_k: int = Field(0, ge=-1, description="vLLM extra: 0 or -1 disables")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="vLLM extra: 0 disables")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="vLLM extra: 1 disables")
+    min_p: float = Field(0.0, **BOUNDS["min_p"].field(), description="vLLM extra: 0 disables")
+    repetition_penalty: float = Field(
+        1.0, **BOUNDS["repetition_penalty"].field(), description="vLLM extra: 1 disables"
+    )
     seed: int | None = Field(None, ge=-1, lt=1 << 64, description="absent or -1: random")
     stop: Stop | list[Stop] | None = Field(None, description=f"at most {MAX_STOP_SEQUENCES}")
     ignore_eos: bool = Field(False, description="vLLM extra: generate past end-of-sequence")

@@ -10,6 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from worker_orcd.sampling_params import BOUNDS
 from worker_orcd.server.body import field_name
 
 MAX_PROMPT_CHARS = 32_768
@@ -24,15 +25,19 @@ class ExecuteRequest(BaseModel):
     job_id: str = Field(min_length=1, max_length=256)
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     max_tokens: int = Field(MAX_TOKENS, ge=1, le=MAX_TOKENS)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 is greedy")
-    top_p: float = Field(1.0, ge=0.0, le=1.0, description="1 disables")
-    top_k: int = Field(0, ge=0, description="0 disables; at most the vocabulary size")
-    min_p: float = Field(0.0, ge=0.0, le=1.0, description="0 disables")
-    repetition_penalty: float = Field(1.0, gt=0.0, le=2.0, description="1 disables")
+    temperature: float = Field(1.0, **BOUNDS["temperature"].field(), description="0 is greedy")
+    top_p: float = Field(1.0, **BOUNDS["top_p"].field(), description="1 disables")
+    top_k: int = Field(
+        0, **BOUNDS["top_k"].field(), description="0 disables; at most the vocabulary size"
+    )
+    min_p: float = Field(0.0, **BOUNDS["min_p"].field(), description="0 disables")
+    repetition_penalty: float = Field(
+        1.0, **BOUNDS["repetition_penalty"].field(), description="1 disables"
+    )
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, max_length=MAX_STOP_SEQUENCES, description="each at most 32 tokens"
     )
-    seed: int | None = Field(None, ge=0, lt=1 << 64, description="generated when absent")
+    seed: int | None = Field(None, **BOUNDS["seed"].field(), description="generated when absent")
 
 
 class CancelRequest(BaseModel):
