@@ -133,6 +133,7 @@ def test_bench_runs_on_the_cpu(smollm2_path: Path):
     args += ("--depths", "40", "--batch-sizes", "3")
     run = cli("bench", "--model", str(smollm2_path), "--device", "cpu", *args)
     assert run.returncode == 0, run.stderr
+    assert "warming up" not in run.stderr  # --json: nothing chatty on stderr
     report = json.loads(run.stdout)
     assert report["prompt_tokens"] == 16 and report["generated_tokens"] == 4
     assert report["prefill_tokens_per_second"] > 0 and report["decode_tokens_per_second"] > 0

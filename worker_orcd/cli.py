@@ -40,6 +40,16 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def quiet(message: str) -> None:
+    """Where stdout carries JSON for a program: nothing chatty on stderr either."""
+
+
+def resolve_model(model: str, json_output: bool = False, to_run: bool = True) -> Path:
+    """`--model` to a file; a pull shows its progress bars to a person at a terminal."""
+    progress = sys.stderr.isatty() and not json_output
+    return model_store.resolve(model, quiet if json_output else log, to_run, progress)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     from worker_orcd.engine.llm import LLM
 
@@ -53,7 +63,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop),
     )
-    path = model_store.resolve(args.model, log)
+    path = resolve_model(args.model, args.json)
     llm = LLM.load(path, args.device, max_context=args.ctx_size)
     if not args.json:
         log(f"loaded {path.name} ({llm.gguf.architecture}) on {llm.device}")
@@ -161,7 +171,7 @@ def int_list(text: str) -> tuple[int, ...]:
 def cmd_bench(args: argparse.Namespace) -> None:
     from worker_orcd.bench import run_bench
 
-    path = model_store.resolve(args.model, log)
+    path = resolve_model(args.model, args.json)
     report = run_bench(
         path,
         args.device,
@@ -171,6 +181,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
         args.ctx_size,
         args.depths,
         args.batch_sizes,
+        say=quiet if args.json else log,
     )
     print(json.dumps(report.as_dict()) if args.json else report.table())
 
@@ -194,7 +205,7 @@ def cmd_models_pull(args: argparse.Namespace) -> None:
         spec = model_store.lookup(name)
         if not spec.runnable:
             log(f"{name}: its architecture, {spec.architecture}, is not one this worker runs")
-        model_store.pull(name, log)
+        model_store.pull(name, log, progress=sys.stderr.isatty())
 
 
 def cmd_models_list(args: argparse.Namespace) -> None:
@@ -216,7 +227,7 @@ def cmd_models_list(args: argparse.Namespace) -> None:
 def cmd_inspect(args: argparse.Namespace) -> None:
     from worker_orcd.gguf.inspect import describe
 
-    path = model_store.resolve(args.file, log, to_run=False)
+    path = resolve_model(args.file, to_run=False)
     print(describe(GGUFFile(path), max_tensors=None if args.all_tensors else 40))
 
 

