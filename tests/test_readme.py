@@ -27,7 +27,7 @@ def parser_options(command: str) -> set[str]:
     return {o for a in sub._actions for o in a.option_strings if o.startswith("--")} - {"--help"}
 
 
-@pytest.mark.parametrize("command", ["serve", "generate"])
+@pytest.mark.parametrize("command", ["serve", "generate", "chat"])
 def test_the_usage_lines_name_every_option_of_the_command(command: str):
     assert set(re.findall(r"\[(--[a-z-]+)", usage_block(command))) == parser_options(command)
 

@@ -1,4 +1,4 @@
-"""`worker-orcd`: serve | generate | bench | synth | models | inspect.
+"""`worker-orcd`: serve | generate | chat | bench | synth | models | inspect.
 
 Errors a user can cause (a bad file, an unknown model, bad parameters) end with one line on
 stderr and exit code 1, never a traceback.
@@ -50,10 +50,8 @@ def resolve_model(model: str, json_output: bool = False, to_run: bool = True) ->
     return model_store.resolve(model, quiet if json_output else log, to_run, progress)
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    from worker_orcd.engine.llm import LLM
-
-    params = SamplingParams(
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
+    return SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
@@ -63,6 +61,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    import readline  # noqa: F401  (line editing and history for input())
+
+    from worker_orcd.chat import Chat
+    from worker_orcd.engine.llm import LLM
+
+    params = sampling_params(args)
+    path = resolve_model(args.model)
+    llm = LLM.load(path, args.device, max_context=args.ctx_size)
+    log(f"loaded {path.name} ({llm.gguf.architecture}) on {llm.device}")
+    Chat(llm, params).run(status=log)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from worker_orcd.engine.llm import LLM
+
+    params = sampling_params(args)
     path = resolve_model(args.model, args.json)
     llm = LLM.load(path, args.device, max_context=args.ctx_size)
     if not args.json:
@@ -231,6 +248,36 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(describe(GGUFFile(path), max_tensors=None if args.all_tensors else 40))
 
 
+def add_generation_arguments(
+    parser: argparse.ArgumentParser, model_help: str, max_tokens: int
+) -> None:
+    """The model and sampling options of `generate` and `chat`."""
+    parser.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--max-tokens", type=POSITIVE, default=max_tokens)
+    parser.add_argument(
+        "--temperature", type=bounded(float, BOUNDS["temperature"]), default=1.0, help="0 is greedy"
+    )
+    parser.add_argument(
+        "--seed", type=bounded(int, BOUNDS["seed"]), help="generated and reported when absent"
+    )
+    parser.add_argument("--top-k", type=bounded(int, BOUNDS["top_k"]), default=0, help="0 disables")
+    parser.add_argument(
+        "--top-p", type=bounded(float, BOUNDS["top_p"]), default=1.0, help="1 disables"
+    )
+    parser.add_argument(
+        "--min-p", type=bounded(float, BOUNDS["min_p"]), default=0.0, help="0 disables"
+    )
+    parser.add_argument(
+        "--repetition-penalty",
+        type=bounded(float, BOUNDS["repetition_penalty"]),
+        default=1.0,
+        help="1 disables",
+    )
+    parser.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
+    parser.add_argument("--ctx-size", type=CONTEXT, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="worker-orcd", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -238,35 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text from a prompt")
     generate.add_argument("prompt")
-    generate.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
-    generate.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    generate.add_argument("--max-tokens", type=POSITIVE, default=256)
-    generate.add_argument(
-        "--temperature", type=bounded(float, BOUNDS["temperature"]), default=1.0, help="0 is greedy"
-    )
-    generate.add_argument(
-        "--seed", type=bounded(int, BOUNDS["seed"]), help="generated and reported when absent"
-    )
-    generate.add_argument(
-        "--top-k", type=bounded(int, BOUNDS["top_k"]), default=0, help="0 disables"
-    )
-    generate.add_argument(
-        "--top-p", type=bounded(float, BOUNDS["top_p"]), default=1.0, help="1 disables"
-    )
-    generate.add_argument(
-        "--min-p", type=bounded(float, BOUNDS["min_p"]), default=0.0, help="0 disables"
-    )
-    generate.add_argument(
-        "--repetition-penalty",
-        type=bounded(float, BOUNDS["repetition_penalty"]),
-        default=1.0,
-        help="1 disables",
-    )
-    generate.add_argument("--stop", action="append", default=[], help="stop text (repeatable)")
+    add_generation_arguments(generate, model_help, max_tokens=256)
     generate.add_argument("--chat", action="store_true", help="apply the model's chat template")
     generate.add_argument("--json", action="store_true", help="print one JSON object at the end")
-    generate.add_argument("--ctx-size", type=CONTEXT, default=DEFAULT_MAX_CONTEXT, help=CTX_HELP)
     generate.set_defaults(run=cmd_generate)
+
+    chat = commands.add_parser("chat", help="talk with the model at the terminal")
+    add_generation_arguments(chat, model_help, max_tokens=512)
+    chat.set_defaults(run=cmd_chat)
 
     serve = commands.add_parser("serve", help="run the HTTP worker (SSE, health, cancel, /v1)")
     serve.add_argument("--model", default=model_store.DEFAULT_MODEL, help=model_help)
