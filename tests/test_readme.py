@@ -4,6 +4,9 @@ checked against the code they describe."""
 from __future__ import annotations
 
 import re
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +53,15 @@ def test_the_model_table_is_the_catalog():
 def test_ci_runs_the_readme_s_test_command():
     command = re.search(r"^python3 -m venv .*pytest$", README, re.MULTILINE).group(0)
     assert command.replace("pip install -e", "pip install -q -e") in (ROOT / ".ci/run").read_text()
+
+
+def test_the_quickstart_s_example_answers_sensibly(smollm2_path: Path):
+    quickstart = re.search(r"worker-orcd (generate .*)$", README, re.MULTILINE).group(1)
+    *options, prompt = shlex.split(quickstart)
+    options += ["--seed", "1", "--max-tokens", "40", "--device", "cpu"]
+    run = subprocess.run(
+        [sys.executable, "-m", "worker_orcd.cli", *options, prompt],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    assert "sleep" in run.stdout.lower(), run.stdout  # on topic, not a degenerate loop
