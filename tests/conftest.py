@@ -7,6 +7,7 @@ Without a GPU, Triton kernels run in Triton's interpreter on CPU tensors. The sw
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,7 +38,8 @@ from worker_orcd.model_store import pull  # noqa: E402 (after the interpreter sw
 
 
 def _pulled(name: str) -> Path:
-    return pull(name, log=lambda _: None)
+    """A first run pulls the model, one line per part on stderr (shown with `pytest -s`)."""
+    return pull(name, log=lambda message: print(message, file=sys.stderr))
 
 
 @pytest.fixture(scope="session")
