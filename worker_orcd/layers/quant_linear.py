@@ -33,9 +33,12 @@ ROW_TILE = 8  # rows per matmul on the CPU
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x @ weight.T as a batch of matmuls of ROW_TILE rows each (the last one padded). BLAS
     picks its kernel, and so its summation order, by shape: with one shape for every row, a
-    row's result does not depend on how many rows share its step."""
+    row's result does not depend on how many rows share its step. Never a batch of one tile:
+    torch runs that as a plain GEMM, which MKL (on AVX-512 machines, for some shapes) rounds
+    differently from its batched kernel."""
     rows = x.shape[0]
-    tiles = F.pad(x, (0, 0, 0, -rows % ROW_TILE)).view(-1, ROW_TILE, x.shape[1])
+    padded = max(-(-rows // ROW_TILE), 2) * ROW_TILE
+    tiles = F.pad(x, (0, 0, 0, padded - rows)).view(-1, ROW_TILE, x.shape[1])
     out = torch.bmm(tiles, weight.T.expand(tiles.shape[0], -1, -1))
     return out.view(-1, weight.shape[0])[:rows]
 
