@@ -31,16 +31,17 @@ ROW_TILE = 8  # rows per matmul on the CPU
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x @ weight.T as a batch of matmuls of ROW_TILE rows each (the last one padded). BLAS
-    picks its kernel, and so its summation order, by shape: with one shape for every row, a
-    row's result does not depend on how many rows share its step. Never a batch of one tile:
-    torch runs that as a plain GEMM, which MKL (on AVX-512 machines, for some shapes) rounds
-    differently from its batched kernel."""
+    """x @ weight.T as one matmul of ROW_TILE rows per tile (the last one padded). BLAS picks
+    its kernel, and so its summation order, by shape: with one call of one shape for every
+    tile, a row's result does not depend on how many rows share its step. (One `bmm` over all
+    tiles is not that: torch runs a batch of one as a plain GEMM, which MKL rounds differently
+    from its batched kernel on AVX-512 machines, for some shapes.)"""
     rows = x.shape[0]
-    padded = max(-(-rows // ROW_TILE), 2) * ROW_TILE
-    tiles = F.pad(x, (0, 0, 0, padded - rows)).view(-1, ROW_TILE, x.shape[1])
-    out = torch.bmm(tiles, weight.T.expand(tiles.shape[0], -1, -1))
-    return out.view(-1, weight.shape[0])[:rows]
+    tiles = F.pad(x, (0, 0, 0, -rows % ROW_TILE))
+    out = torch.empty(tiles.shape[0], weight.shape[0], dtype=x.dtype, device=x.device)
+    for start in range(0, tiles.shape[0], ROW_TILE):
+        torch.mm(tiles[start : start + ROW_TILE], weight.T, out=out[start : start + ROW_TILE])
+    return out[:rows]
 
 
 def stream_to_device(
