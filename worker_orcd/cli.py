@@ -163,7 +163,6 @@ def bounded(kind: type[int] | type[float], bounds: Bounds) -> Callable[[str], fl
             raise argparse.ArgumentTypeError(f"must be {bounds.describe()}, got {value!r}")
         return value
 
-    parse.__name__ = kind.__name__  # argparse's own message for a bad value names the type
     return parse
 
 
