@@ -121,15 +121,15 @@ class Job:
             if isinstance(event, Finished | Failed):
                 return
 
-    def _push(self, events: Iterable[Event]) -> None:
-        """On the job's loop: take delivered events."""
-        self._pending.extend(events)
+    def _push(self, event: Event) -> None:
+        """On the job's loop: take a delivered event."""
+        self._pending.append(event)
         self._ready.set()
 
 
 def _push_all(deliveries: list[tuple[Job, Event]]) -> None:
     for job, event in deliveries:
-        job._push((event,))
+        job._push(event)
 
 
 Listener = Callable[[Job, Event], None]
@@ -221,7 +221,7 @@ class Engine:
                 self._lock.notify()
                 return
         self._notify(job, ending)
-        job._loop.call_soon_threadsafe(job._push, (ending,))
+        job._loop.call_soon_threadsafe(job._push, ending)
 
     def shutdown(self, timeout: float | None = None) -> None:
         """Refuse new jobs and end those not yet started now; give the running ones `timeout`

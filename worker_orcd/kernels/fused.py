@@ -79,7 +79,7 @@ def _rope_and_cache_kernel(
     dtype = keys_ptr.dtype.element_ty
     tl.store(keys_ptr + cache + first_at, first.to(dtype), mask=mask)
     tl.store(keys_ptr + cache + second_at, second.to(dtype), mask=mask)
-    d = tl.arange(0, 2 * HALF)[None, :]
+    d = tl.arange(0, dim)[None, :]
     v = tl.load(v_ptr + token * kv_heads * dim + h * dim + d, mask=mask)
     tl.store(values_ptr + cache + d, v.to(dtype), mask=mask)
 
