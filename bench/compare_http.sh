@@ -3,25 +3,19 @@
 # here): our server and llama.cpp's llama-server, one after the other on the same synthetic
 # Qwen2.5-0.5B Q4_K_M file and the same GPU, under the same load from loadgen.py: CONC
 # concurrent streams (default 128) for DURATION seconds (default 60) of the MIX of prompt words
-# and output tokens. llama-server builds in the background while ours is measured.
+# and output tokens, then, idle, the time to first token with and without a cached 1,000-word
+# prefix (prefix_ttft.py). llama-server builds in the background while ours is measured.
 set -euo pipefail
 OUT=${OUT:-/tmp/http-out}
 MODEL=/tmp/qwen2.5-0.5b-synth.gguf
 CONC=${CONC:-128}
 DURATION=${DURATION:-60}
 MIX=${MIX:-16:128,64:128,200:64}
-mkdir -p "$OUT" /tmp/llama-build
+mkdir -p "$OUT"
 python3 -m pip install --no-deps --no-index -q --target /tmp/pydeps .device/gguf-*.whl .whl/*.whl
 export PYTHONPATH=$PWD:/tmp/pydeps
 
-(
-  [ -d /tmp/llama-build/llama.cpp ] || tar xzf .device/llama.cpp.tar.gz -C /tmp/llama-build
-  cmake -S /tmp/llama-build/llama.cpp -B /tmp/llama-build/out -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=OFF \
-    -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_TESTS=OFF \
-    -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
-  cmake --build /tmp/llama-build/out --target llama-server -j 12
-) >"$OUT/build_server.log" 2>&1 &
+bash bench/build_llamacpp.sh llama-server >"$OUT/build_server.log" 2>&1 &
 BUILD=$!
 
 [ -f "$MODEL" ] || python3 -m worker_orcd.cli synth --preset qwen2.5-0.5b --output "$MODEL"
@@ -38,6 +32,7 @@ load() {  # NAME URL: warm up, then the measured run
   python3 bench/loadgen.py --url "$2" --concurrency "$CONC" --duration "$DURATION" --mix "$MIX" \
     --json >"$OUT/$1.json"
   nvidia-smi --query-gpu=memory.used --format=csv,noheader >"$OUT/$1.vram"
+  python3 bench/prefix_ttft.py --url "$2" --json >"$OUT/$1_prefix.json"
 }
 
 python3 -m worker_orcd.cli serve --model "$MODEL" --device cuda --port 8100 --ctx-size 4096 \
@@ -65,6 +60,10 @@ for name, r in rows.items():
           f"{r['output_tokens_per_second']:9,.0f} output tok/s; TTFT p50/p99 "
           f"{r['ttft_ms']['p50']:.0f}/{r['ttft_ms']['p99']:.0f} ms; ITL p50/p99 "
           f"{r['itl_ms']['p50']:.1f}/{r['itl_ms']['p99']:.1f} ms; errors {r['errors'][:2]}")
+for name in rows:
+    p = json.loads((out / f"{name}_prefix.json").read_text())
+    print(f"{name:13s} TTFT with a {p['prefix_words']}-word prompt {p['ttft_ms_first']:.1f} ms, "
+          f"with its prefix cached {p['ttft_ms_second']:.1f} ms ({p['ratio']:.1f}x)")
 ratio = rows["ours"]["output_tokens_per_second"] / rows["llama_server"]["output_tokens_per_second"]
 print(f"output tok/s, ours / llama-server: {ratio:.2f}")
 PY

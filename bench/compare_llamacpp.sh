@@ -8,20 +8,14 @@ OUT=${OUT:-/tmp/bench-out}
 MODEL=/tmp/qwen2.5-0.5b-synth.gguf
 DEPTHS=${DEPTHS:-512,2048,8192,16384}
 BATCHES=${BATCHES:-1,8,32,128}
-mkdir -p "$OUT" /tmp/llama-build
+mkdir -p "$OUT"
 python3 -m pip install --no-deps -q --target /tmp/pydeps .device/gguf-0.19.0-py3-none-any.whl
 export PYTHONPATH=$PWD:/tmp/pydeps
 
-(
-  tar xzf .device/llama.cpp.tar.gz -C /tmp/llama-build
-  cmake -S /tmp/llama-build/llama.cpp -B /tmp/llama-build/out -DCMAKE_BUILD_TYPE=Release \
-    -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA_ALL_QUANTS=OFF \
-    -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_CURL=OFF
-  cmake --build /tmp/llama-build/out --target llama-bench llama-batched-bench -j 12
-) >"$OUT/build.log" 2>&1 &
+bash bench/build_llamacpp.sh llama-bench llama-batched-bench >"$OUT/build.log" 2>&1 &
 BUILD=$!
 
-python3 -m worker_orcd.cli synth --preset qwen2.5-0.5b --output "$MODEL"
+[ -f "$MODEL" ] || python3 -m worker_orcd.cli synth --preset qwen2.5-0.5b --output "$MODEL"
 python3 bench/gpu_check.py --out "$OUT" --model "$MODEL" --depths "$DEPTHS" \
   --batch-sizes "$BATCHES" --ctx-size 16640 ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUT/ours.txt"
 

@@ -41,6 +41,10 @@ class Outcome:
     seconds: float = 0.0
 
 
+def random_words(count: int) -> str:
+    return " ".join(random.choice(WORDS) for _ in range(count))
+
+
 def parse_mix(text: str) -> list[tuple[int, int]]:
     pairs = [part.split(":") for part in text.split(",")]
     return [(int(words), int(tokens)) for words, tokens in pairs]
@@ -60,12 +64,11 @@ async def one_request(
     client: httpx.AsyncClient,
     url: str,
     model: str | None,
-    words: int,
+    prompt: str,
     max_tokens: int,
-    hang_up: int,
+    hang_up: int = 0,
 ) -> Outcome:
     """Stream one completion; with `hang_up` > 0, leave after that many content chunks."""
-    prompt = " ".join(random.choice(WORDS) for _ in range(words))
     body = {
         **({"model": model} if model else {}),
         "prompt": prompt,
@@ -141,7 +144,9 @@ async def run(args: argparse.Namespace) -> dict:
             words, max_tokens = random.choice(mix)
             hang_up = random.randint(1, max_tokens) if random.random() < args.cancel_fraction else 0
             outcomes.append(
-                await one_request(client, args.url, args.model, words, max_tokens, hang_up)
+                await one_request(
+                    client, args.url, args.model, random_words(words), max_tokens, hang_up
+                )
             )
 
     limits = httpx.Limits(max_connections=args.concurrency + 8)
