@@ -172,7 +172,9 @@ def sweep_mmq(rng: np.random.Generator, names: list[str], rows: list[int]) -> No
             n, k = matrices[0].shape
             x = torch.randn(m, k, device="cuda")
             units = _units(int(matrices[0].qtype), k)
-            default = mmq_config(m, n, units, 1 + ("gate" in role), x.device)
+            gate = "gate" in role
+            sizes = [n] if gate else [w.shape[0] for w in matrices]
+            default = mmq_config(m, sizes, units, 1 + gate, x.device)
             configs = {default}
             for bm in (16, 32, 64, 128):
                 for bn in (32, 64):

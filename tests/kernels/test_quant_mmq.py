@@ -88,9 +88,11 @@ def test_k_split_across_programs_gives_the_same_bits_and_leaves_zeros(random_wei
     gate = Weight(random_weight(T.Q4_K, 40, k, 3), T.Q4_K, (40, k))
     up = Weight(random_weight(T.Q6_K, 40, k, 4), T.Q6_K, (40, k))
     whole, split = MmqConfig(32, 64, 1), MmqConfig(16, 32, 3)  # 12 chunks, 6 halves: 3 splits
-    for swiglu, matrices in ((True, [gate, up]), (False, [up])):
-        args = (x.to(DEVICE), matrices, [None, None], None, on_device, swiglu)
-        assert torch.equal(mmq(*args, config=split)[0], mmq(*args, config=whole)[0])
+    q = Weight(random_weight(T.Q5_0, 24, k, 5), T.Q5_0, (24, k))
+    for swiglu, matrices in ((True, [gate, up]), (False, [up]), (False, [q, gate, up])):
+        args = (x.to(DEVICE), matrices, [None] * len(matrices), None, on_device, swiglu)
+        for a, b in zip(mmq(*args, config=split), mmq(*args, config=whole), strict=True):
+            assert torch.equal(a, b)
     sums, arrived = _split_buffers(torch.device(DEVICE))
     assert not sums.any() and not arrived.any()
 

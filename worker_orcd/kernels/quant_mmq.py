@@ -190,21 +190,61 @@ def _matmul(
 
 @triton.jit
 def _mmq_kernel(
-    x_ptr, M, a_ptr, b_ptr, N, bias_ptr, residual_ptr, out_ptr, sums_ptr, arrived_ptr, splits,
-    K: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, SWIGLU: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+    x_ptr, M, residual_ptr, sums_ptr, arrived_ptr, splits,
+    a_ptr, a_bias, a_out, a_n, b_ptr, b_bias, b_out, b_n, c_ptr, c_bias, c_out, c_n,
+    K: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QC: tl.constexpr,
+    MATRICES: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    """One (BM, BN) tile of `x @ A.T` (+ bias, + residual), or of silu(x @ A.T) * (x @ B.T)
-    with SWIGLU, over split `program_id(2)` of `splits` along K. With SPLIT, splits add their
-    fixed-point sums into `sums` atomically (integers: the order of arrival cannot change a
-    bit); the last to arrive reads them, leaves zeros behind for the next launch, and writes
-    the tile. The epilogue's operations are the GEMV's, in its order."""
+    """Programs along axis 0 cover A's column tiles, then B's, then C's (q, k and v in one
+    launch); with SWIGLU each covers A's and B's (gate and up) for one output."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+    pid = tl.program_id(0)
+    if SWIGLU or MATRICES == 1:
+        _tile(
+            x_ptr, M, a_ptr, b_ptr, a_n, a_bias, residual_ptr, a_out, sums_ptr, arrived_ptr,
+            pid, splits, K, QA, QB, SWIGLU, HAS_BIAS, HAS_RESIDUAL, BM, BN, SPLIT,
+        )  # fmt: skip
+    else:
+        a_tiles = tl.cdiv(a_n, BN)
+        b_tiles = tl.cdiv(b_n, BN)
+        if pid < a_tiles:
+            _tile(
+                x_ptr, M, a_ptr, a_ptr, a_n, a_bias, residual_ptr, a_out, sums_ptr,
+                arrived_ptr, pid, splits, K, QA, QA, False, HAS_BIAS, False, BM, BN, SPLIT,
+            )  # fmt: skip
+        elif pid < a_tiles + b_tiles:
+            _tile(
+                x_ptr, M, b_ptr, b_ptr, b_n, b_bias, residual_ptr, b_out, sums_ptr + M * a_n,
+                arrived_ptr, pid - a_tiles, splits, K, QB, QB, False, HAS_BIAS, False, BM, BN,
+                SPLIT,
+            )  # fmt: skip
+        else:
+            _tile(
+                x_ptr, M, c_ptr, c_ptr, c_n, c_bias, residual_ptr, c_out,
+                sums_ptr + M * (a_n + b_n), arrived_ptr, pid - a_tiles - b_tiles, splits, K,
+                QC, QC, False, HAS_BIAS, False, BM, BN, SPLIT,
+            )  # fmt: skip
+
+
+@triton.jit
+def _tile(
+    x_ptr, M, a_ptr, b_ptr, N, bias_ptr, residual_ptr, out_ptr, sums_ptr, arrived_ptr, tile_n,
+    splits, K: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, SWIGLU: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    """One (BM, BN) tile, column tile `tile_n` of one output, of `x @ A.T` (+ bias, +
+    residual), or of silu(x @ A.T) * (x @ B.T) with SWIGLU, over split `program_id(2)` of
+    `splits` along K. With SPLIT, splits add their fixed-point sums into `sums` atomically
+    (integers: the order of arrival cannot change a bit); the last to arrive reads them, leaves
+    zeros behind for the next launch, and writes the tile. The epilogue's operations are the
+    GEMV's, in its order."""
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
-    cols = tl.program_id(0) * BN + tl.arange(0, BN)
+    cols = tile_n * BN + tl.arange(0, BN)
     split = tl.program_id(2)
     rmask = rows < M
     xrow = rows.to(tl.int64) * (K // 32 * 12)
@@ -271,14 +311,17 @@ class MmqConfig:
     num_stages: int = 3
 
 
-def mmq_config(m: int, n: int, units: int, outputs: int, device: torch.device) -> MmqConfig:
-    """Tiles by shape; K split across programs until about two per SM, where the buffer
-    allows. Results do not depend on it (see `_fixed`), only the speed does."""
+def mmq_config(
+    m: int, sizes: list[int], units: int, outputs: int, device: torch.device
+) -> MmqConfig:
+    """Tiles by shape (`sizes`: the columns of each matrix the launch covers); K split across
+    programs until about two per SM, where the buffer allows. Results do not depend on it (see
+    `_fixed`), only the speed does."""
     block_m = min(max(16, triton.next_power_of_2(m)), 64)
     block_n = 32  # bench/tile_sweep.py: ahead of 64 and 128 at 8 to 2048 rows (H200)
-    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    tiles = triton.cdiv(m, block_m) * sum(triton.cdiv(n, block_n) for n in sizes)
     split = 1
-    if device.type == "cuda" and outputs * m * n <= SPLIT_SUMS and tiles <= SPLIT_TILES:
+    if device.type == "cuda" and outputs * m * sum(sizes) <= SPLIT_SUMS and tiles <= SPLIT_TILES:
         programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
         split = max(1, min(programs // tiles, units // 4))
     return MmqConfig(block_m, block_n, split)
@@ -293,33 +336,40 @@ def mmq(
     swiglu: bool = False,
     config: MmqConfig | None = None,
 ) -> list[torch.Tensor]:
-    """`rmsnorm(x) @ W.T + bias (+ residual)` for each matrix of one input x (M, K) float32,
-    rounded once; with `swiglu`, `silu(x' @ G.T) * (x' @ U.T)` for matrices (G, U). Every
-    matrix is in an `INTEGER_DOT` format; returns one (M, N) float32 per output."""
+    """`rmsnorm(x) @ W.T + bias (+ residual)` for each of up to three matrices of one input
+    x (M, K) float32, rounded once, in one launch; with `swiglu`, `silu(x' @ G.T) * (x' @ U.T)`
+    for matrices (G, U). Every matrix is in an `INTEGER_DOT` format; a residual goes with one
+    matrix only, biases with all or none. Returns one (M, N) float32 per output."""
     for matrix in matrices:
         if matrix.qtype not in INTEGER_DOT:
             raise ValueError(f"no integer matmul for {matrix.qtype.name}")
+    if len(matrices) > 3 or (residual is not None and len(matrices) > 1 + swiglu):
+        raise ValueError("expected at most three matrices, and a residual with one only")
+    if not swiglu and len({bias is None for bias in biases[: len(matrices)]}) > 1:
+        raise ValueError("expected biases all given or all None")
     m, k = x.shape
     quantized = quantize_x(x.contiguous(), norm)
+    produced = matrices[:1] if swiglu else matrices
+    sizes = [matrix.shape[0] for matrix in produced]
+    units = min(_units(int(matrix.qtype), k) for matrix in matrices)
+    c = config or mmq_config(m, sizes, units, 1 + swiglu, x.device)
+    sums, arrived = _split_buffers(x.device) if c.split > 1 else (quantized, quantized)
+    outputs = [torch.empty(m, n, device=x.device, dtype=torch.float32) for n in sizes]
+    per_matrix = []  # the kernel takes three matrices; unused slots repeat the last
+    for i in range(3):
+        matrix = matrices[min(i, len(matrices) - 1)]
+        bias = biases[i] if i < len(biases) and biases[i] is not None else None
+        out = outputs[min(i, len(outputs) - 1)]
+        per_matrix += [matrix.blocks, out if bias is None else bias, out, matrix.shape[0]]
+    qtypes = [int(matrices[min(i, len(matrices) - 1)].qtype) for i in range(3)]
     pdl = uses_pdl(x.device)
-    outputs = []
-    for i, matrix in enumerate(matrices[:1] if swiglu else matrices):
-        n = matrix.shape[0]
-        other = matrices[1] if swiglu else matrix
-        units = min(_units(int(matrix.qtype), k), _units(int(other.qtype), k))
-        c = config or mmq_config(m, n, units, 1 + swiglu, x.device)
-        sums, arrived = _split_buffers(x.device) if c.split > 1 else (quantized, quantized)
-        out = torch.empty(m, n, device=x.device, dtype=torch.float32)
-        bias = biases[i] if i < len(biases) else None
-        grid = (triton.cdiv(n, c.block_n), triton.cdiv(m, c.block_m), c.split)
-        _mmq_kernel[grid](
-            quantized, m, matrix.blocks, other.blocks, n,
-            bias if bias is not None else out, residual if residual is not None else out, out,
-            sums, arrived, c.split,
-            K=k, QA=int(matrix.qtype), QB=int(other.qtype), SWIGLU=swiglu,
-            HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-            BM=c.block_m, BN=c.block_n, SPLIT=c.split > 1, PDL=pdl, num_warps=c.num_warps,
-            num_stages=c.num_stages, launch_pdl=pdl, enable_fp_fusion=False,
-        )  # fmt: skip
-        outputs.append(out)
+    grid = (sum(triton.cdiv(n, c.block_n) for n in sizes), triton.cdiv(m, c.block_m), c.split)
+    _mmq_kernel[grid](
+        quantized, m, residual if residual is not None else outputs[0], sums, arrived, c.split,
+        *per_matrix, K=k, QA=qtypes[0], QB=qtypes[1], QC=qtypes[2], MATRICES=len(matrices),
+        SWIGLU=swiglu, HAS_BIAS=any(b is not None for b in biases),
+        HAS_RESIDUAL=residual is not None, BM=c.block_m, BN=c.block_n, SPLIT=c.split > 1,
+        PDL=pdl, num_warps=c.num_warps, num_stages=c.num_stages, launch_pdl=pdl,
+        enable_fp_fusion=False,
+    )  # fmt: skip
     return outputs
