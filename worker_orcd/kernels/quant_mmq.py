@@ -95,8 +95,14 @@ def _unit_q32(x_ptr, xrow, rmask, base, cmask, u, QTYPE: tl.constexpr):
         high |= _half(block, HIGH_AT + 2, cmask).to(tl.int32) << 16
         quants |= ((high[:, None] >> e) & 1) << 4
     x, x_scale, sum_low, sum_high = _x_tile(x_ptr, xrow, rmask, u)
-    dot = _idot(x, quants.to(tl.int8))
-    return _combine_q32(dot, sum_low + sum_high, x_scale, scale, minimum, QTYPE)
+    if HAS_MIN:
+        return _combine_q32(
+            _idot(x, quants.to(tl.int8)), sum_low + sum_high, x_scale, scale, minimum, QTYPE
+        )
+    # Q4_0, Q5_0: the offset taken off each weight, once per tile, rather than x's sum times
+    # the offset off each product: the same integer, so the same bits as the GEMV's
+    OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
+    return _combine_q32(_idot(x, (quants - OFFSET).to(tl.int8)), 0, x_scale, scale, minimum, QTYPE)
 
 
 @triton.jit
@@ -139,12 +145,12 @@ def _unit_q6_k(x_ptr, xrow, rmask, base, cmask, u, BM: tl.constexpr, BN: tl.cons
     for k in tl.static_range(4):
         ql = _bytes(block, 64 * half + 32 * (k % 2) + e, cmask)
         qh = _bytes(block, 128 + 32 * half + e, cmask)
-        quants = (((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)).to(tl.int8)
-        x, x_scale, sum_first, sum_second = _x_tile(x_ptr, xrow, rmask, 4 * u + k)
-        dot_first = _idot(tl.where(e < 16, x, 0).to(tl.int8), quants)
-        dot_second = _idot(tl.where(e >= 16, x, 0).to(tl.int8), quants)
+        quants = (((ql >> (4 * (k // 2))) & 15) | (((qh >> (2 * k)) & 3) << 4)) - 32
+        x, x_scale, _, _ = _x_tile(x_ptr, xrow, rmask, 4 * u + k)
+        dot_first = _idot(tl.where(e < 16, x, 0).to(tl.int8), quants.to(tl.int8))
+        dot_second = _idot(tl.where(e >= 16, x, 0).to(tl.int8), quants.to(tl.int8))
         pair = _half(block, 192 + 8 * half + 2 * k, cmask)[None, :]
-        total += _quarter_q6_k(dot_first, dot_second, sum_first, sum_second, x_scale, pair)
+        total += _quarter_q6_k(dot_first, dot_second, 0, 0, x_scale, pair)  # offset taken off
     return _f32(_half(block, 208, cmask)[None, :]) * total
 
 
