@@ -337,15 +337,17 @@ def _combine_q4_k(
     header, scales, mins, extra, sub,
 ):  # fmt: skip
     """A Q4_K chunk's contribution from the integer dot products of its two sub-blocks (`sub`
-    and `sub` + 1) with x's quants and the sums of those quants (for the mins)."""
+    and `sub` + 1) with x's quants and the sums of those quants (for the mins). Products of
+    the weight's factors alone and of x's alone come first: in `mmq` those are a column and a
+    row of the tile, and only the rest costs an operation per output element."""
     low_scale, low_min = _k_scale_min(scales, mins, extra, sub)
     high_scale, high_min = _k_scale_min(scales, mins, extra, sub + 1)
-    scaled = low_factor * low_scale * _float(low_dot)
-    scaled += high_factor * high_scale * _float(high_dot)
-    offsets = low_factor * low_min * _float(low_sum)
-    offsets += high_factor * high_min * _float(high_sum)
     d, dmin = _f32((header & 0xFFFF).to(tl.uint16)), _f32((header >> 16).to(tl.uint16))
-    return d * scaled - dmin * offsets
+    scaled = low_factor * (d * low_scale * _float(low_dot))
+    scaled += high_factor * (d * high_scale * _float(high_dot))
+    offsets = low_factor * _float(low_sum) * (dmin * low_min)
+    offsets += high_factor * _float(high_sum) * (dmin * high_min)
+    return scaled - offsets
 
 
 @triton.jit
