@@ -14,6 +14,7 @@ import torch
 from worker_orcd.engine.forward_batch import ForwardBatch
 from worker_orcd.engine.scheduler import ScheduledChunk
 from worker_orcd.engine.sequence import Sequence
+from worker_orcd.kernels import paged_attention as kernel_module
 from worker_orcd.kernels.paged_attention import paged_attention_kernel
 from worker_orcd.layers.attention import paged_attention
 from worker_orcd.sampling_params import SamplingParams
@@ -48,6 +49,15 @@ def test_the_kernel_matches_the_reference(heads, kv_heads, dim):
     q, keys, values, batch = scene(heads, kv_heads, dim, spans)
     expected = paged_attention(q.cpu(), keys.cpu(), values.cpu(), _on_cpu(batch), dim**-0.5)
     out = paged_attention_kernel(q, keys, values, batch, dim**-0.5)
+    torch.testing.assert_close(out.cpu(), expected, atol=2e-3, rtol=0)
+
+
+def test_a_merge_over_several_chunks_of_splits_matches_the_reference(monkeypatch):
+    monkeypatch.setattr(kernel_module, "MERGE_CHUNK", 2)  # 3 splits: chunks of 2 and 1
+    spans = [(500, 40), (0, 21), (520, 1)]
+    q, keys, values, batch = scene(6, 2, 16, spans, seed=5)
+    expected = paged_attention(q.cpu(), keys.cpu(), values.cpu(), _on_cpu(batch), 0.25)
+    out = paged_attention_kernel(q, keys, values, batch, 0.25)
     torch.testing.assert_close(out.cpu(), expected, atol=2e-3, rtol=0)
 
 

@@ -6,8 +6,9 @@ sequence, one KV head (the query heads of its group are extra rows: GQA reads ea
 one split, and walks that split's keys through the block table in steps of `BLOCK_N` with an
 online softmax, as flash attention does, on the tensor cores (float16 operands, float32 sums).
 It writes each row's partial result: its running max, its sum of weights and its weighted values.
-The second launch merges a row's splits in position order. So a long context spreads over many
-programs (decode speed holds as the context grows), and a short one costs one split.
+The second launch merges a row's splits, many at a time, in an order fixed by its position. So
+a long context spreads over many programs (decode speed holds as the context grows), and a
+short one costs one split.
 
 Batch-invariant by construction: a row's arithmetic depends on its own query, position and cache
 alone. Every tile has the same shape, splits and key steps start at fixed positions, a key step
@@ -26,6 +27,7 @@ from worker_orcd.engine.forward_batch import ForwardBatch
 
 BLOCK_N = 32  # keys per inner step
 KV_SPLIT = 256  # keys per split
+MERGE_CHUNK = 16  # splits a row's merge loads at once
 
 
 @triton.jit
@@ -102,32 +104,38 @@ def _split_kernel(
 def _merge_kernel(
     acc_ptr, best_ptr, total_ptr, out_ptr, token_seqs_ptr, query_starts_ptr, context_lens_ptr,
     stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ot, stride_oh,
-    HEADS: tl.constexpr, HEADS_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
-    KV_SPLIT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, KV_SPLIT: tl.constexpr,
+    MERGE_CHUNK: tl.constexpr,
 ):  # fmt: skip
+    """One row (token, head): its splits up to its position, MERGE_CHUNK at a time (their
+    loads in parallel, not one split after another): first the largest of their maxima, then
+    each split's sums weighted by exp(its max - that), added lane by lane in chunk order and
+    across lanes at the end. The order depends on the row's position alone."""
     token = tl.program_id(0)
+    head = tl.program_id(1)
     seq = tl.load(token_seqs_ptr + token)
     position = tl.load(context_lens_ptr + seq) - (tl.load(query_starts_ptr + seq + 1) - token)
-    heads = tl.arange(0, HEADS_PAD)
+    splits = position // KV_SPLIT + 1
+    lanes = tl.arange(0, MERGE_CHUNK)
     dims = tl.arange(0, DIM_PAD)
-    ok = (heads < HEADS)[:, None] & (dims < HEAD_DIM)[None, :]
-    best = tl.full((HEADS_PAD,), float("-inf"), tl.float32)
-    total = tl.zeros((HEADS_PAD,), tl.float32)
-    acc = tl.zeros((HEADS_PAD, DIM_PAD), tl.float32)
-    for split in range(0, position // KV_SPLIT + 1):
-        part = token * stride_at + heads * stride_ah + split * stride_as
-        stat = token * stride_mt + heads * stride_mh + split
-        split_best = tl.load(best_ptr + stat, mask=heads < HEADS, other=0.0)
-        split_total = tl.load(total_ptr + stat, mask=heads < HEADS, other=0.0)
-        split_acc = tl.load(acc_ptr + part[:, None] + dims[None, :], mask=ok, other=0.0)
-        new_best = tl.maximum(best, split_best)
-        correction = tl.exp(best - new_best)
-        weight = tl.exp(split_best - new_best)
-        total = total * correction + split_total * weight
-        acc = acc * correction[:, None] + split_acc * weight[:, None]
-        best = new_best
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
-    tl.store(out_ptr + token * stride_ot + heads[:, None] * stride_oh + dims[None, :], out, mask=ok)
+    stats = token * stride_mt + head * stride_mh
+    top = tl.full((MERGE_CHUNK,), float("-inf"), tl.float32)
+    for first in range(0, splits, MERGE_CHUNK):
+        split = first + lanes
+        top = tl.maximum(top, tl.load(best_ptr + stats + split, split < splits, float("-inf")))
+    best = tl.max(top, axis=0)  # finite: split 0 holds key 0, which every row sees
+    total = tl.zeros((MERGE_CHUNK,), tl.float32)
+    acc = tl.zeros((MERGE_CHUNK, DIM_PAD), tl.float32)
+    parts = acc_ptr + token * stride_at + head * stride_ah + dims[None, :]
+    for first in range(0, splits, MERGE_CHUNK):
+        split = first + lanes
+        present = split < splits
+        weight = tl.exp(tl.load(best_ptr + stats + split, present, float("-inf")) - best)
+        total += tl.load(total_ptr + stats + split, present, 0.0) * weight
+        mask = present[:, None] & (dims < HEAD_DIM)[None, :]
+        acc += tl.load(parts + split[:, None] * stride_as, mask, 0.0) * weight[:, None]
+    out = tl.sum(acc, axis=0) / tl.sum(total, axis=0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out, mask=dims < HEAD_DIM)
 
 
 def paged_attention_kernel(
@@ -154,11 +162,11 @@ def paged_attention_kernel(
         BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT,
     )  # fmt: skip
     out = torch.empty_like(q)
-    _merge_kernel[(tokens,)](
+    _merge_kernel[(tokens, heads)](
         acc, best, total, out, batch.token_seqs, batch.query_starts_device,
         batch.context_lens_device, acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0),
         best.stride(1), out.stride(0), out.stride(1),
-        HEADS=heads, HEADS_PAD=triton.next_power_of_2(heads), HEAD_DIM=dim,
-        DIM_PAD=triton.next_power_of_2(dim), KV_SPLIT=KV_SPLIT,
+        HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), KV_SPLIT=KV_SPLIT,
+        MERGE_CHUNK=MERGE_CHUNK, num_warps=2,
     )  # fmt: skip
     return out
