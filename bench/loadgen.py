@@ -21,7 +21,7 @@ import json
 import random
 import statistics
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 import httpx
@@ -171,23 +171,38 @@ async def run(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def client_parser(description: str) -> argparse.ArgumentParser:
+    """The options of every client script here; each adds its own."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--model", default=None, help="sent as `model` when given")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def run_client(
+    args: argparse.Namespace, run: Callable[[argparse.Namespace], Awaitable[dict]]
+) -> dict | None:
+    """The report of `run(args)`, seeded; with --json printed as one object, and None."""
+    random.seed(args.seed)
+    report = asyncio.run(run(args))
+    if args.json:
+        print(json.dumps(report))
+        return None
+    return report
+
+
+def main() -> None:
+    parser = client_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of sending")
     parser.add_argument("--requests", type=int, default=-1, help="at most this many (-1: any)")
     parser.add_argument("--mix", default="16:16,64:32,200:64", help="PROMPT_WORDS:MAX_TOKENS,...")
     parser.add_argument("--cancel-fraction", type=float, default=0.0)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    random.seed(args.seed)
-    report = asyncio.run(run(args))
-    if args.json:
-        print(json.dumps(report))
+    report = run_client(parser.parse_args(), run)
+    if report is None:
         return
     print(
         f"{report['requests']} requests in {report['seconds']:.1f} s at concurrency "

@@ -2,22 +2,21 @@
 
     python3 bench/prefix_ttft.py --url http://127.0.0.1:8000 [--prefix-words 1000] [--trials 5]
 
-Each trial sends a prompt of `--prefix-words` random words (about a token each) and a short
-tail, then the same prefix with another tail: the first request computes the whole prompt, the
-second only what follows the cached prefix. After one unmeasured trial (compilation, graphs),
-prints the median time to first token of the first and the second requests and their ratio.
+Each trial sends a prompt of `--prefix-words` random words (about a token each) after a fresh
+random nonce (so that no earlier run's prompt is cached) and a short tail, then the same prefix
+with another tail: the first request computes the whole prompt, the second only what follows
+the cached prefix. After one unmeasured trial (compilation, graphs), prints the median time to
+first token of the first and the second requests and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import random
 import statistics
+import uuid
 
 import httpx
-from loadgen import one_request, random_words
+from loadgen import client_parser, one_request, random_words, run_client
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -25,7 +24,7 @@ async def run(args: argparse.Namespace) -> dict:
     seconds: list[float] = []
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout)) as client:
         for trial in range(args.trials + 1):
-            prefix = random_words(args.prefix_words)
+            prefix = f"{uuid.uuid4().hex} {random_words(args.prefix_words)}"  # never seen before
             pair = []
             for _ in range(2):
                 outcome = await one_request(
@@ -48,20 +47,12 @@ async def run(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--model", default=None, help="sent as `model` when given")
+    parser = client_parser(__doc__.split("\n\n")[0])
     parser.add_argument("--prefix-words", type=int, default=1000)
     parser.add_argument("--trials", type=int, default=5)
     parser.add_argument("--max-tokens", type=int, default=4)
-    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print one JSON object")
-    args = parser.parse_args()
-    random.seed(args.seed)
-    report = asyncio.run(run(args))
-    if args.json:
-        print(json.dumps(report))
+    report = run_client(parser.parse_args(), run)
+    if report is None:
         return
     print(
         f"prefix of {report['prefix_words']} words, median of {report['trials']} trials: "
