@@ -89,11 +89,17 @@ class Stream:
         return "".join(self.tokens)
 
     def replay_key(self) -> list[tuple[str, dict[str, Any]]]:
-        """The payloads that the same request must reproduce exactly (timings left out)."""
-        key = []
+        """The payloads that the same request must reproduce exactly (timings left out), its
+        tokens as one text: a reader that falls behind gets queued tokens joined into one
+        event, so where the token events split the text may differ between two runs."""
+        key: list[tuple[str, dict[str, Any]]] = []
         for frame in self.frames:
             varying = VARYING.get(frame.event, set())
-            if varying is not None:
+            if frame.event == "token":
+                if not key or key[-1][0] != "text":
+                    key.append(("text", {"t": ""}))
+                key[-1][1]["t"] += frame.data["t"]
+            elif varying is not None:
                 key.append((frame.event, {k: v for k, v in frame.data.items() if k not in varying}))
         return key
 
