@@ -34,6 +34,7 @@ from worker_orcd.engine.forward_batch import ForwardBatch
 from worker_orcd.engine.scheduler import ScheduledChunk
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.gguf.synth import random_blocks
+from worker_orcd.kernels import paged_attention
 from worker_orcd.kernels.blocks import dequant_tile
 from worker_orcd.kernels.paged_attention import paged_attention_kernel
 from worker_orcd.kernels.quant_gemv import gemv
@@ -89,35 +90,49 @@ def microseconds(launch: Callable[[], object], reps: int = 50) -> float:
     return start.elapsed_time(end) * 1000 / reps
 
 
+def attention_batch(seqs: int, context: int, queries: int, generator: torch.Generator):
+    """Random keys and values for `seqs` sequences of `context` positions in shuffled blocks of
+    16, and a batch of each one's last `queries` tokens."""
+    per_seq = -(-context // 16)
+    keys, values = (
+        torch.randn(seqs * per_seq * 16, 2, 64, device="cuda", generator=generator).half()
+        for _ in range(2)
+    )
+    free = list(range(seqs * per_seq))
+    random.Random(0).shuffle(free)
+    chunks = []
+    for _ in range(seqs):
+        seq = Sequence(list(range(context)), SamplingParams())
+        seq.block_table = [free.pop() for _ in range(per_seq)]
+        chunks.append(ScheduledChunk(seq, context - queries, queries, True))
+    batch = ForwardBatch.build(chunks, 16, torch.device("cuda"))
+    q = torch.randn(seqs * queries, 14, 64, device="cuda", generator=generator)
+    return q, keys, values, batch
+
+
 def probe_attention() -> None:
+    """Per shape, time per launch pair (split + merge) by keys per split and query tile."""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    for seqs, context in ((1, 16384), (128, 256), (128, 2048)):
-        per_seq = context // 16
-        keys, values = (
-            torch.randn(seqs * per_seq * 16, 2, 64, device="cuda", generator=generator).half()
-            for _ in range(2)
-        )
-        free = list(range(seqs * per_seq))
-        random.Random(0).shuffle(free)
-        chunks = []
-        for _ in range(seqs):
-            seq = Sequence(list(range(context)), SamplingParams())
-            seq.block_table = [free.pop() for _ in range(per_seq)]
-            chunks.append(ScheduledChunk(seq, context - 1, 1, True))
-        batch = ForwardBatch.build(chunks, 16, torch.device("cuda"))
-        q = torch.randn(seqs, 14, 64, device="cuda", generator=generator)
-        results = {}
-        for tile in (16, 2):
-            tiled = dataclasses.replace(batch, query_tile=tile)
-            out = paged_attention_kernel(q, keys, values, tiled, 0.125)
-            us = microseconds(partial(paged_attention_kernel, q, keys, values, tiled, 0.125))
-            results[tile] = (out, us)
-        same = torch.equal(results[16][0], results[2][0])
-        print(
-            f"attention B={seqs} context={context}: tiles of 16 {results[16][1]:.1f} us, "
-            f"of 2 {results[2][1]:.1f} us, same bits {same}",
-            flush=True,
-        )
+    shapes = ((1, 200, 1), (1, 2048, 1), (1, 16384, 1), (128, 256, 1), (128, 2048, 1))
+    for seqs, context, queries in (*shapes, (1, 2048, 2048), (1, 8192, 2048)):
+        q, keys, values, batch = attention_batch(seqs, context, queries, generator)
+        cells = []
+        for split in (64, 128, 256):
+            paged_attention.KV_SPLIT = split
+            results = {}
+            for tile in (16, 2) if queries == 1 else (16,):
+                tiled = dataclasses.replace(batch, query_tile=tile)
+                out = paged_attention_kernel(q, keys, values, tiled, 0.125)
+                us = microseconds(partial(paged_attention_kernel, q, keys, values, tiled, 0.125))
+                results[tile] = (out, us)
+            same = torch.equal(results[16][0], results[2][0]) if 2 in results else None
+            cells.append(
+                f"split {split}: "
+                + " / ".join(f"tile {t} {us:.1f} us" for t, (_, us) in results.items())
+                + ("" if same is None else f" (same bits {same})")
+            )
+        print(f"attention B={seqs} context={context} queries={queries}: " + "; ".join(cells))
+    paged_attention.KV_SPLIT = 256
 
 
 def probe_matmuls() -> None:
