@@ -26,7 +26,8 @@ from worker_orcd.engine.llm import LLM
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.gguf.synth import random_blocks, synthesize
-from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, quantize_activation
+from worker_orcd.kernels.integer_dot import INTEGER_DOT, quantize_activation
+from worker_orcd.kernels.quant_gemv import gemv
 from worker_orcd.kernels.quant_matmul import quant_matmul
 from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.sampling_params import SamplingParams

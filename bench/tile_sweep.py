@@ -24,9 +24,9 @@ from gguf import GGMLQuantizationType as T
 from worker_orcd.cli import int_list
 from worker_orcd.engine.llm import resolve_device
 from worker_orcd.gguf.synth import random_blocks
+from worker_orcd.kernels.integer_dot import units_per_row
 from worker_orcd.kernels.quant_gemv import (
     GemvConfig,
-    _units,
     gemv,
     gemv_config,
     gemv_qkv,
@@ -171,7 +171,7 @@ def sweep_mmq(rng: np.random.Generator, names: list[str], rows: list[int]) -> No
                 continue
             n, k = matrices[0].shape
             x = torch.randn(m, k, device="cuda")
-            units = _units(int(matrices[0].qtype), k)
+            units = units_per_row(int(matrices[0].qtype), k)
             gate = "gate" in role
             sizes = [n] if gate else [w.shape[0] for w in matrices]
             default = mmq_config(m, sizes, units, 1 + gate, x.device)

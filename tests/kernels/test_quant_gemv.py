@@ -13,14 +13,8 @@ from gguf import GGMLQuantizationType as T
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.kernels.blocks import SUPPORTED
-from worker_orcd.kernels.quant_gemv import (
-    INTEGER_DOT,
-    GemvConfig,
-    gemv,
-    gemv_qkv,
-    gemv_swiglu,
-    quantize_activation,
-)
+from worker_orcd.kernels.integer_dot import INTEGER_DOT, quantize_activation
+from worker_orcd.kernels.quant_gemv import GemvConfig, gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType as T
 
 from tests.kernels.test_quant_gemv import TOLERANCE, Weight, inputs, product, relative_error
-from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.integer_dot import INTEGER_DOT
+from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.kernels.quant_mmq import MmqConfig, _split_buffers, mmq
 from worker_orcd.layers.norm import RMSNorm
 

@@ -4,10 +4,10 @@ mmq): decode batches and prefill chunks alike.
 x is rounded per 32-element block (`quantize_x`, after the RMSNorm when there is one) and each
 weight block is unpacked in registers to int8 quants; `tl.dot` multiplies a tile of x's rows by
 a tile of the matrix's rows one 32-element block at a time, in int32, exactly. Each block's
-integer products become its float contribution through the same `_combine_*` functions as the
-GEMV's, and contributions are summed in fixed point (`_fixed`), exact in any order. So a row's
-result is the same bits here as in the one-row GEMV and whatever rows share its tile: a
-request's tokens do not depend on the batch it runs in (batch invariance), and the weights are
+integer products become its float contribution through the GEMV's `combine_*` functions
+(`integer_dot`), and contributions are summed in fixed point (`to_fixed`), exact in any order.
+So a row's result is the same bits here as in the one-row GEMV and whatever rows share its tile:
+a request's tokens do not depend on the batch it runs in (batch invariance), and the weights are
 read once per tile of rows rather than once per row. The torch reference is the GEMV's:
 `quantize_activation(norm(x)) @ dequantize(W).T`. Formats without an integer path (F16, BF16,
 F32, Q5_K, MXFP4) go through `quant_matmul`.
@@ -23,20 +23,20 @@ import triton
 import triton.language as tl
 from gguf import GGMLQuantizationType
 
-from worker_orcd.kernels.quant_gemv import (
+from worker_orcd.kernels.integer_dot import (
     INTEGER_DOT,
     Matrix,
-    _combine_q4_k,
-    _combine_q8_0,
-    _combine_q32,
-    _f32,
-    _fixed,
-    _group,
-    _quarter_q6_k,
-    _row_bytes,
-    _unfixed,
-    _units,
+    combine_q4_k,
+    combine_q8_0,
+    combine_q32,
+    from_fixed,
+    half_float,
     quantize_x,
+    quarter_q6_k,
+    row_bytes,
+    to_fixed,
+    units_per_group,
+    units_per_row,
     uses_pdl,
 )
 
@@ -96,13 +96,13 @@ def _unit_q32(x_ptr, xrow, rmask, base, cmask, u, QTYPE: tl.constexpr):
         quants |= ((high[:, None] >> e) & 1) << 4
     x, x_scale, sum_low, sum_high = _x_tile(x_ptr, xrow, rmask, u)
     if HAS_MIN:
-        return _combine_q32(
+        return combine_q32(
             _idot(x, quants.to(tl.int8)), sum_low + sum_high, x_scale, scale, minimum, QTYPE
         )
     # Q4_0, Q5_0: the offset taken off each weight, once per tile, rather than x's sum times
     # the offset off each product: the same integer, so the same bits as the GEMV's
     OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
-    return _combine_q32(_idot(x, (quants - OFFSET).to(tl.int8)), 0, x_scale, scale, minimum, QTYPE)
+    return combine_q32(_idot(x, (quants - OFFSET).to(tl.int8)), 0, x_scale, scale, minimum, QTYPE)
 
 
 @triton.jit
@@ -111,7 +111,7 @@ def _unit_q8_0(x_ptr, xrow, rmask, base, cmask, u):
     quants = _bytes(block, 2 + tl.arange(0, 32)[None, :], cmask)
     x, x_scale, _, _ = _x_tile(x_ptr, xrow, rmask, u)
     dot = _idot(x, quants.to(tl.int8))  # the low byte: the signed quant
-    return _combine_q8_0(dot, x_scale, _half(block, 0, cmask)[None, :])
+    return combine_q8_0(dot, x_scale, _half(block, 0, cmask)[None, :])
 
 
 @triton.jit
@@ -128,7 +128,7 @@ def _unit_q4_k(x_ptr, xrow, rmask, base, cmask, u):
     high_x, high_scale, high_sum0, high_sum1 = _x_tile(x_ptr, xrow, rmask, 2 * u + 1)
     low_dot = _idot(low_x, (packed & 15).to(tl.int8))
     high_dot = _idot(high_x, (packed >> 4).to(tl.int8))
-    return _combine_q4_k(
+    return combine_q4_k(
         low_dot, high_dot, low_sum0 + low_sum1, high_sum0 + high_sum1, low_scale, high_scale,
         header, scales, mins, extra, 2 * (u % 4),
     )  # fmt: skip
@@ -150,8 +150,8 @@ def _unit_q6_k(x_ptr, xrow, rmask, base, cmask, u, BM: tl.constexpr, BN: tl.cons
         dot_first = _idot(tl.where(e < 16, x, 0).to(tl.int8), quants.to(tl.int8))
         dot_second = _idot(tl.where(e >= 16, x, 0).to(tl.int8), quants.to(tl.int8))
         pair = _half(block, 192 + 8 * half + 2 * k, cmask)[None, :]
-        total += _quarter_q6_k(dot_first, dot_second, 0, 0, x_scale, pair)  # offset taken off
-    return _f32(_half(block, 208, cmask)[None, :]) * total
+        total += quarter_q6_k(dot_first, dot_second, 0, 0, x_scale, pair)  # offset taken off
+    return half_float(_half(block, 208, cmask)[None, :]) * total
 
 
 @triton.jit
@@ -159,7 +159,7 @@ def _unit(
     x_ptr, xrow, rmask, base, cmask, u, QTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr
 ):
     """Unit u's contribution, (BM, BN) float32: a block, or a Q4_K chunk, or a Q6_K half, as
-    the GEMV counts them (`_units`)."""
+    the GEMV counts them (`units_per_row`)."""
     if QTYPE == 8:
         part = _unit_q8_0(x_ptr, xrow, rmask, base, cmask, u)
     elif QTYPE == 12:
@@ -178,10 +178,10 @@ def _matmul(
 ):  # fmt: skip
     """Split `split`'s share of x[rows] @ W[cols].T in fixed point, (BM, BN) int64: each
     group's units added in order in float32, as the GEMV's `_grouped` adds them."""
-    base = w_ptr + cols.to(tl.int64) * _row_bytes(QTYPE, K)
+    base = w_ptr + cols.to(tl.int64) * row_bytes(QTYPE, K)
     cmask = cols < N
-    units = _units(QTYPE, K)
-    G: tl.constexpr = _group(QTYPE)
+    units = units_per_row(QTYPE, K)
+    G: tl.constexpr = units_per_group(QTYPE)
     groups = tl.cdiv(units, G)
     acc = tl.zeros((BM, BN), tl.int64)
     for g in tl.range(split * groups // splits, (split + 1) * groups // splits):
@@ -190,7 +190,7 @@ def _matmul(
             u = g * G + j  # past the row's end only in its last group: zeros, exactly
             part += _unit(x_ptr, xrow, rmask & (u < units), base, cmask & (u < units), u,
                           QTYPE, BM, BN)  # fmt: skip
-        acc += _fixed(part)
+        acc += to_fixed(part)
     return acc
 
 
@@ -283,9 +283,9 @@ def _epilogue(
     a, b, cols, N, at, mask, bias_ptr, residual_ptr, out_ptr,
     SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
 ):  # fmt: skip
-    y = _unfixed(a)
+    y = from_fixed(a)
     if SWIGLU:
-        up = _unfixed(b)
+        up = from_fixed(b)
         y = y * tl.sigmoid(y) * up
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0)[None, :]
@@ -322,7 +322,7 @@ def mmq_config(
 ) -> MmqConfig:
     """Tiles by shape (`sizes`: the columns of each matrix the launch covers); K split across
     programs until about two per SM, where the buffer allows. Results do not depend on it (see
-    `_fixed`), only the speed does."""
+    `to_fixed`), only the speed does."""
     block_m = min(max(16, triton.next_power_of_2(m)), 64)
     block_n = 32  # bench/tile_sweep.py: ahead of 64 and 128 at 8 to 2048 rows (H200)
     tiles = triton.cdiv(m, block_m) * sum(triton.cdiv(n, block_n) for n in sizes)
@@ -357,7 +357,7 @@ def mmq(
     quantized = quantize_x(x.contiguous(), norm)
     produced = matrices[:1] if swiglu else matrices
     sizes = [matrix.shape[0] for matrix in produced]
-    units = min(_units(int(matrix.qtype), k) for matrix in matrices)
+    units = min(units_per_row(int(matrix.qtype), k) for matrix in matrices)
     c = config or mmq_config(m, sizes, units, 1 + swiglu, x.device)
     sums, arrived = _split_buffers(x.device) if c.split > 1 else (quantized, quantized)
     outputs = [torch.empty(m, n, device=x.device, dtype=torch.float32) for n in sizes]

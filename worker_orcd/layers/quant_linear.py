@@ -20,7 +20,8 @@ from torch import nn
 
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
-from worker_orcd.kernels.quant_gemv import INTEGER_DOT, gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.integer_dot import INTEGER_DOT
+from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.kernels.quant_matmul import dequantize_rows, quant_matmul
 from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.layers.activation import SiluAndMul
