@@ -36,7 +36,8 @@ def test_rope_and_cache(style: RopeStyle, heads: int, kv_heads: int, head_dim: i
     expected_keys, expected_values = keys.clone(), values.clone()
     expected_keys[slots] = rotary(k, positions).half()  # the torch path
     expected_values[slots] = v.half()
-    on_device = rotary.to(torch.device(DEVICE))
+    expected_q = rotary(q, positions)
+    on_device = rotary.to(torch.device(DEVICE))  # in place: `rotary` is on the device now
     keys, values = keys.to(DEVICE), values.to(DEVICE)
     actual = rope_and_cache_(
         *(t.clone().to(DEVICE) for t in (q, k, v)),
@@ -46,7 +47,7 @@ def test_rope_and_cache(style: RopeStyle, heads: int, kv_heads: int, head_dim: i
         values,
         slots.to(DEVICE),
     )
-    assert close(actual, rotary(q, positions))
+    assert close(actual, expected_q)
     # float16 rounding of nearly equal float32 values: equal, or one half-ulp apart
     assert torch.allclose(keys.cpu().float(), expected_keys.float(), rtol=1e-3, atol=1e-6)
     assert torch.equal(values.cpu(), expected_values)

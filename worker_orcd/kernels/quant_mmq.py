@@ -95,14 +95,19 @@ def _unit_q32(x_ptr, xrow, rmask, base, cmask, u, QTYPE: tl.constexpr):
         high |= _half(block, HIGH_AT + 2, cmask).to(tl.int32) << 16
         quants |= ((high[:, None] >> e) & 1) << 4
     x, x_scale, sum_low, sum_high = _x_tile(x_ptr, xrow, rmask, u)
+    # One return: Triton compiles the statements after a return inside a constexpr `if` too,
+    # and `combine_q32` of a format with a min cannot take the literal 0 below.
     if HAS_MIN:
-        return combine_q32(
+        part = combine_q32(
             _idot(x, quants.to(tl.int8)), sum_low + sum_high, x_scale, scale, minimum, QTYPE
         )
-    # Q4_0, Q5_0: the offset taken off each weight, once per tile, rather than x's sum times
-    # the offset off each product: the same integer, so the same bits as the GEMV's
-    OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
-    return combine_q32(_idot(x, (quants - OFFSET).to(tl.int8)), 0, x_scale, scale, minimum, QTYPE)
+    else:
+        # Q4_0, Q5_0: the offset taken off each weight, once per tile, rather than x's sum
+        # times the offset off each product: the same integer, so the same bits as the GEMV's
+        OFFSET: tl.constexpr = 16 if HAS_HIGH else 8
+        dot = _idot(x, (quants - OFFSET).to(tl.int8))
+        part = combine_q32(dot, 0, x_scale, scale, minimum, QTYPE)
+    return part
 
 
 @triton.jit
