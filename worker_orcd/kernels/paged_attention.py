@@ -28,6 +28,10 @@ from worker_orcd.engine.forward_batch import ForwardBatch
 BLOCK_N = 32  # keys per inner step
 KV_SPLIT = 256  # keys per split
 MERGE_CHUNK = 16  # splits a row's merge loads at once
+# Warps of the split kernel. A row's bits depend on the tensor-core instruction and layout its
+# tile gets (on Hopper, wgmma for tiles of 64 rows or more at 4 warps, mma.sync otherwise), so
+# this is fixed, never chosen by batch (bench/kernel_probe.py measures the alternatives).
+SPLIT_WARPS = 4
 
 
 @triton.jit
@@ -159,7 +163,7 @@ def paged_attention_kernel(
         acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0), best.stride(1),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=batch.query_tile,
         HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), BLOCK_N=BLOCK_N,
-        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT,
+        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT, num_warps=SPLIT_WARPS,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(tokens, heads)](
