@@ -3,8 +3,10 @@
 The torch reference (`layers/sampler.py`) materializes the noise: a hash per (row, vocabulary
 id) in int64 tensors, about twenty full passes over a (rows, vocab) array; at 128 rows of a
 152k vocabulary that is milliseconds a step. Here each program hashes, adds and keeps the
-running argmax of one row in registers, reading the logits once. The random bits are the
-reference's (the same 32-bit hash); the logarithms are Triton's, which may round a last bit
+running argmax of one row in registers, reading the logits once; it derives the row's stream
+key from its seed and token index itself (`sampler.stream_key`), so that a step issues one
+launch, not the forty-odd elementwise ones of the key's hashing in torch. The random bits are
+the reference's (the same 32-bit hash); the logarithms are Triton's, which may round a last bit
 differently from torch's, so a near-tie may go the other way than on the torch path; the draw
 is still a function of the row alone. Ties go to the lowest id, as `torch.argmax`'s do.
 """
@@ -29,9 +31,19 @@ def _mix32(x):
 
 
 @triton.jit
-def _gumbel_argmax_kernel(logits_ptr, stride, keys_ptr, out_ptr, V, BLOCK: tl.constexpr):
+def _stream_key(seed, index):
+    """`sampler.stream_key` of an int64 seed (a 64-bit seed's two's complement) and index."""
+    bits = seed.to(tl.uint64, bitcast=True)
+    low, high = (bits & 0xFFFFFFFF).to(tl.uint32), (bits >> 32).to(tl.uint32)
+    return _mix32(_mix32(_mix32(low) ^ high) ^ index.to(tl.uint32))
+
+
+@triton.jit
+def _gumbel_argmax_kernel(
+    logits_ptr, stride, seeds_ptr, indices_ptr, out_ptr, V, BLOCK: tl.constexpr
+):  # fmt: skip
     row = tl.program_id(0)
-    key = tl.load(keys_ptr + row).to(tl.uint32)
+    key = _stream_key(tl.load(seeds_ptr + row), tl.load(indices_ptr + row))
     best = tl.full((), -float("inf"), tl.float32)
     best_id = tl.full((), 0, tl.int32)
     for start in range(0, V, BLOCK):
@@ -49,11 +61,14 @@ def _gumbel_argmax_kernel(logits_ptr, stride, keys_ptr, out_ptr, V, BLOCK: tl.co
     tl.store(out_ptr + row, best_id.to(tl.int64))
 
 
-def gumbel_argmax(logits: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """`(logits + gumbel_noise(keys, vocab)).argmax(-1)` for float32 logits (rows, vocab) and
-    int64 stream keys (rows,) below 2^32: token ids (rows,) int64."""
+def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """`(logits + gumbel_noise(stream_key(seeds, indices), vocab)).argmax(-1)` for float32
+    logits (rows, vocab), int64 seeds (rows,) and token indices (rows,) below 2^32: token ids
+    (rows,) int64."""
     rows, vocab = logits.shape
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows:
-        _gumbel_argmax_kernel[(rows,)](logits, logits.stride(0), keys, out, vocab, BLOCK=BLOCK)
+        _gumbel_argmax_kernel[(rows,)](
+            logits, logits.stride(0), seeds, indices, out, vocab, BLOCK=BLOCK
+        )
     return out

@@ -71,9 +71,8 @@ class SamplingBatch:
             [p.top_k, s - (1 << 64) if s >= 1 << 63 else s, i]
             for p, s, i in zip(params, seeds, indices, strict=True)
         ]
-        top_k, seed_bits, index = upload(torch.tensor(ints, dtype=torch.long), device).T
+        top_k, self.seeds, self.indices = upload(torch.tensor(ints, dtype=torch.long), device).T
         self.top_k = top_k[:, None]
-        self.keys = stream_key(seed_bits, index)
         self.greedy = all(p.temperature == 0.0 for p in params)
         # what the filters need to know on the host, known here without a device sync
         self.max_top_k = max(p.top_k for p in params)
@@ -84,6 +83,12 @@ class SamplingBatch:
             width = 1 + max(len(h) for h in histories)
             padded = [list(h) + [-1] * (width - len(h)) for h in histories]
             self.seen = upload(torch.tensor(padded, dtype=torch.long), device)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Each row's stream key (`stream_key`), for the torch path: the CUDA kernel derives
+        it itself, and greedy rows need none."""
+        return stream_key(self.seeds, self.indices)
 
 
 def apply_repetition_penalty(
@@ -127,7 +132,7 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     greedy = batch.temperatures == 0.0
     filtered = filter_logits(logits / torch.where(greedy, 1.0, batch.temperatures), batch)
     if logits.is_cuda:
-        drawn = gumbel_argmax(filtered, batch.keys)  # the same draw in one pass
+        drawn = gumbel_argmax(filtered, batch.seeds, batch.indices)  # the same draw in one pass
     else:
         drawn = (filtered + gumbel_noise(batch.keys, logits.shape[1])).argmax(-1)
     return torch.where(greedy[:, 0], logits.argmax(-1), drawn)
