@@ -14,7 +14,7 @@ from gguf import GGMLQuantizationType as T
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.kernels.blocks import SUPPORTED
 from worker_orcd.kernels.integer_dot import INTEGER_DOT, quantize_activation
-from worker_orcd.kernels.quant_gemv import GemvConfig, gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.quant_gemv import MAX_ROWS, GemvConfig, gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.layers.norm import RMSNorm
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -135,6 +135,52 @@ def test_x_rounded_once_in_a_launch_of_its_own(random_weight, qtype: T):
     each = gemv(x.to(DEVICE), weight, residual=residual, config=GemvConfig(8, 4))
     assert relative_error(once, residual.cpu().double() + product(x, weight)) < TOLERANCE
     assert torch.equal(once, each)
+
+
+@pytest.mark.parametrize("qtype", sorted(INTEGER_DOT, key=int), ids=lambda q: q.name)
+def test_rows_in_one_launch_get_the_bits_each_gets_alone(random_weight, qtype: T):
+    # up to MAX_ROWS tokens share a launch; a row's result must not depend on its neighbours
+    n, k = 40, 768
+    weight = Weight(random_weight(qtype, n, k, int(qtype) + 2), qtype, (n, k))
+    x, norm = inputs(k, int(qtype) + 2)
+    rows = torch.cat([x, torch.randn(MAX_ROWS - 1, k, generator=torch.Generator().manual_seed(5))])
+    bias, residual = torch.randn(n).to(DEVICE), torch.randn(MAX_ROWS, n).to(DEVICE)
+    fused = (norm.weight.to(DEVICE), norm.eps)
+    for config in (GemvConfig(8, 4), GemvConfig(8, 4, quantize_first=True)):
+        plain = gemv(rows.to(DEVICE), weight, config=config)
+        normed = gemv(rows.to(DEVICE), weight, bias, residual, fused, config=config)
+        assert plain.shape == normed.shape == (MAX_ROWS, n)
+        for i in range(MAX_ROWS):
+            row = rows[i : i + 1].to(DEVICE)
+            assert torch.equal(plain[i : i + 1], gemv(row, weight, config=config))
+            alone = gemv(row, weight, bias, residual[i : i + 1], fused, config=config)
+            assert torch.equal(normed[i : i + 1], alone)
+    assert relative_error(plain, product(rows, weight)) < TOLERANCE
+
+
+def test_swiglu_and_q_k_v_over_several_rows_get_each_row_s_bits(random_weight):
+    gate = Weight(random_weight(T.Q5_0, 72, 256, 6), T.Q5_0, (72, 256))
+    up = Weight(random_weight(T.Q4_K, 72, 256, 7), T.Q4_K, (72, 256))
+    shapes = [(T.Q5_0, 56), (T.Q5_0, 8), (T.Q8_0, 8)]
+    qkv = [Weight(random_weight(q, n, 256, 8 + i), q, (n, 256)) for i, (q, n) in enumerate(shapes)]
+    biases = [torch.randn(n).to(DEVICE) for _, n in shapes]
+    _, norm = inputs(256, 9)
+    fused = (norm.weight.to(DEVICE), norm.eps)
+    rows = torch.randn(5, 256, generator=torch.Generator().manual_seed(10)).to(DEVICE)
+    swiglu = gemv_swiglu(rows, gate, up, fused)
+    q, k, v = gemv_qkv(rows, qkv, biases, fused)
+    assert swiglu.shape == (5, 72) and q.shape == (5, 56)
+    for i in range(5):
+        row = rows[i : i + 1]
+        assert torch.equal(swiglu[i : i + 1], gemv_swiglu(row, gate, up, fused))
+        for together, alone in zip((q, k, v), gemv_qkv(row, qkv, biases, fused), strict=True):
+            assert torch.equal(together[i : i + 1], alone)
+
+
+def test_more_rows_than_a_launch_takes_are_refused(random_weight):
+    weight = Weight(random_weight(T.Q8_0, 8, 64, 0), T.Q8_0, (8, 64))
+    with pytest.raises(ValueError, match="at most"):
+        gemv(torch.randn(MAX_ROWS + 1, 64).to(DEVICE), weight)
 
 
 def test_activation_rounding_is_within_half_a_step_per_block():

@@ -3,15 +3,16 @@ neighbours fused in.
 
 At batch 1 a matmul is one pass over the weight bytes, and a token's launches cost more than its
 arithmetic. So a program reads whole 16- or 32-bit words of packed quants (never one byte per
-element) and unpacks them with shifts in registers into words of four 8-bit quants. x is
-rounded to 8 bits per 32-element block (`quantize_activation`, llama.cpp's Q8_1), so one
-`dp4a` multiplies four weights by four elements of x and sums them in integers; per-block
-scales multiply the integer sums (llama.cpp's mmvq computes the same way). x is rounded either
-by each program, once per tile, or once by a launch of its own (`quantize_x`) whose output
-every program gathers: where the programs are many or x is long, and wherever an RMSNorm comes
-first (its rms is a sum whose order follows the launch, and `quant_mmq` must see the same bits).
-Formats without a word-level reader (F32, F16, BF16, Q5_K, MXFP4) take the generic tile
-dequantizer and float x.
+element) and unpacks them with shifts in registers into words of four 8-bit quants. x is rounded
+to 8 bits per 32-element block (`quantize_activation`, llama.cpp's Q8_1), so one `dp4a`
+multiplies four weights by four elements of x and sums them in integers; per-block scales
+multiply the integer sums (llama.cpp's mmvq computes the same way). x is rounded either by each
+program, once per tile, or once by a launch of its own (`quantize_x`) whose output every program
+gathers: where the programs are many or x is long, and wherever an RMSNorm comes first (its rms
+is a sum whose order follows the launch, and `quant_mmq` must see the same bits). Formats
+without a word-level reader (F32, F16, BF16, Q5_K, MXFP4) take the generic tile dequantizer and
+float x. Up to `MAX_ROWS` tokens share a launch: each program loads its weights once and
+computes its outputs for every row in turn, with the one-row arithmetic.
 
 Batch invariance: a unit's float contribution and the sums of units come from
 `integer_dot`, which `quant_mmq` shares, so a row's result is the same bits here as in `mmq`'s
@@ -70,6 +71,7 @@ from worker_orcd.kernels.integer_dot import (
 T = GGMLQuantizationType
 UNIT_CAP = 64  # units (blocks or K-quant chunks) per tile: bounds a program's registers
 GENERIC_BLOCK_K = tl.constexpr(256)  # elements per step for formats read by `dequant_tile`
+MAX_ROWS = 8  # rows of x per launch: each program computes every row, one after another
 
 
 @triton.jit
@@ -399,25 +401,35 @@ def _dot_rows(
     return acc
 
 
+@triton.constexpr_function
+def _x_stride(k: int, x: int) -> int:
+    """Elements (int32 words for a `QuantizedX`) from one row of x to the next."""
+    return k // 32 * 12 if x == X_QUANTIZED else k
+
+
 @triton.jit
 def _project(
     w_ptr, bias_ptr, out_ptr, N, block, x_ptr, norm_ptr, eps, residual_ptr,
     K: tl.constexpr, QTYPE: tl.constexpr, BN: tl.constexpr, X: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, PDL: tl.constexpr, M: tl.constexpr,
 ):  # fmt: skip
+    """W[rows] @ x for each of x's M rows in turn, with one load of the weights: a row's
+    arithmetic is the same as when it comes alone."""
     rows = block * BN + tl.arange(0, BN)
     mask = rows < N
     weights = _prefetch(w_ptr, rows, N, K, QTYPE)
     if PDL:
         tl.extra.cuda.gdc_wait()
-    squares = lane_squares(x_ptr, K, X == X_NORMED)
-    y = _dot_rows(weights, w_ptr, rows, N, x_ptr, norm_ptr, K, QTYPE, BN, X)
-    y *= inverse_rms(squares, K, eps, X == X_NORMED)
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + rows, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        y += tl.load(residual_ptr + rows, mask=mask, other=0.0)
-    tl.store(out_ptr + rows, y, mask=mask)
+    for m in tl.static_range(M):
+        x_row = x_ptr + m * _x_stride(K, X)
+        squares = lane_squares(x_row, K, X == X_NORMED)
+        y = _dot_rows(weights, w_ptr, rows, N, x_row, norm_ptr, K, QTYPE, BN, X)
+        y *= inverse_rms(squares, K, eps, X == X_NORMED)
+        if HAS_BIAS:
+            y += tl.load(bias_ptr + rows, mask=mask, other=0.0)
+        if HAS_RESIDUAL:
+            y += tl.load(residual_ptr + m * N + rows, mask=mask, other=0.0)
+        tl.store(out_ptr + m * N + rows, y, mask=mask)
 
 
 @triton.jit
@@ -429,8 +441,10 @@ def _gemv_kernel(
     K: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QC: tl.constexpr,
     MATRICES: tl.constexpr, SWIGLU: tl.constexpr, X: tl.constexpr,
     HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BN: tl.constexpr, PDL: tl.constexpr,
+    M: tl.constexpr,
 ):  # fmt: skip
-    """Programs 0.. cover A's rows, then B's, then C's; with SWIGLU each covers A's and B's.
+    """Programs 0.. cover A's rows, then B's, then C's; with SWIGLU each covers A's and B's;
+    each program computes its rows for every one of x's M rows.
     Under programmatic dependent launch (PDL) a program lets the next kernel launch at once,
     loads its weights, and only then waits for the previous kernel, which wrote x."""
     if PDL:
@@ -442,16 +456,19 @@ def _gemv_kernel(
         up_weights = _prefetch(b_ptr, rows, b_rows, K, QB)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        squares = lane_squares(x_ptr, K, X == X_NORMED)
-        gate = _dot_rows(gate_weights, a_ptr, rows, a_rows, x_ptr, norm_ptr, K, QA, BN, X)
-        up = _dot_rows(up_weights, b_ptr, rows, b_rows, x_ptr, norm_ptr, K, QB, BN, X)
-        scale = inverse_rms(squares, K, eps, X == X_NORMED)
-        gate, up = gate * scale, up * scale
-        tl.store(a_out + rows, gate * tl.sigmoid(gate) * up, mask=rows < a_rows)
+        for m in tl.static_range(M):
+            x_row = x_ptr + m * _x_stride(K, X)
+            squares = lane_squares(x_row, K, X == X_NORMED)
+            gate = _dot_rows(gate_weights, a_ptr, rows, a_rows, x_row, norm_ptr, K, QA, BN, X)
+            up = _dot_rows(up_weights, b_ptr, rows, b_rows, x_row, norm_ptr, K, QB, BN, X)
+            scale = inverse_rms(squares, K, eps, X == X_NORMED)
+            gate, up = gate * scale, up * scale
+            out = gate * tl.sigmoid(gate) * up
+            tl.store(a_out + m * a_rows + rows, out, mask=rows < a_rows)
     elif MATRICES == 1:
         _project(
             a_ptr, a_bias, a_out, a_rows, pid, x_ptr, norm_ptr, eps, residual_ptr,
-            K, QA, BN, X, HAS_BIAS, HAS_RESIDUAL, PDL,
+            K, QA, BN, X, HAS_BIAS, HAS_RESIDUAL, PDL, M,
         )  # fmt: skip
     else:
         a_blocks = tl.cdiv(a_rows, BN)
@@ -459,17 +476,17 @@ def _gemv_kernel(
         if pid < a_blocks:
             _project(
                 a_ptr, a_bias, a_out, a_rows, pid, x_ptr, norm_ptr, eps, residual_ptr,
-                K, QA, BN, X, HAS_BIAS, False, PDL,
+                K, QA, BN, X, HAS_BIAS, False, PDL, M,
             )  # fmt: skip
         elif pid < a_blocks + b_blocks:
             _project(
                 b_ptr, b_bias, b_out, b_rows, pid - a_blocks, x_ptr, norm_ptr, eps,
-                residual_ptr, K, QB, BN, X, HAS_BIAS, False, PDL,
+                residual_ptr, K, QB, BN, X, HAS_BIAS, False, PDL, M,
             )  # fmt: skip
         else:
             _project(
                 c_ptr, c_bias, c_out, c_rows, pid - a_blocks - b_blocks, x_ptr, norm_ptr, eps,
-                residual_ptr, K, QC, BN, X, HAS_BIAS, False, PDL,
+                residual_ptr, K, QC, BN, X, HAS_BIAS, False, PDL, M,
             )  # fmt: skip
 
 
@@ -506,13 +523,14 @@ def _launch(
     for matrix in matrices:
         if matrix.qtype not in SUPPORTED:
             raise ValueError(f"no quantized matmul for {matrix.qtype.name}")
-    x = x.reshape(-1).contiguous()
+    m, k = x.shape
+    if m > MAX_ROWS:
+        raise ValueError(f"the GEMV takes at most {MAX_ROWS} rows, got {m}")
+    x = x.contiguous()
     produced = matrices[:1] if swiglu else matrices  # SwiGLU writes one output for two
-    outputs = [torch.empty(1, m.shape[0], device=x.device, dtype=torch.float32) for m in produced]
-    config = config or gemv_config(
-        matrices[0].qtype, matrices[0].shape[0], x.numel(), len(matrices)
-    )
-    programs = sum(triton.cdiv(m.shape[0], config.block_n) for m in produced)
+    outputs = [torch.empty(m, w.shape[0], device=x.device, dtype=torch.float32) for w in produced]
+    config = config or gemv_config(matrices[0].qtype, matrices[0].shape[0], k, len(matrices))
+    programs = sum(triton.cdiv(w.shape[0], config.block_n) for w in produced)
     per_matrix = []  # the kernel takes three matrices; unused slots repeat the first
     for i in range(3):
         matrix = matrices[i] if i < len(matrices) else matrices[0]
@@ -520,12 +538,12 @@ def _launch(
         out = outputs[i] if i < len(outputs) else outputs[0]
         per_matrix += [matrix.blocks, bias, out, matrix.shape[0]]
     qtypes = [int(matrices[min(i, len(matrices) - 1)].qtype) for i in range(3)]
-    k, mode = x.numel(), X_NORMED if norm is not None else X_FLOAT
+    mode = X_NORMED if norm is not None else X_FLOAT
     # A norm's rms is a sum over the row whose order follows the launch shape: the rows it
     # normalizes are rounded in `quantize_x`, which `mmq` shares, so both see the same bits.
-    integer = all(m.qtype in INTEGER_DOT for m in matrices)
+    integer = all(w.qtype in INTEGER_DOT for w in matrices)
     if integer and (config.quantize_first or norm is not None):
-        x, norm, mode = quantize_x(x.view(1, k), norm), None, X_QUANTIZED
+        x, norm, mode = quantize_x(x, norm), None, X_QUANTIZED
     norm_weight, eps = norm if norm is not None else (x, 0.0)
     pdl = uses_pdl(x.device)
     _gemv_kernel[(programs,)](
@@ -533,7 +551,7 @@ def _launch(
         K=k, QA=qtypes[0], QB=qtypes[1], QC=qtypes[2],
         MATRICES=len(matrices), SWIGLU=swiglu, X=mode,
         HAS_BIAS=any(b is not None for b in biases), HAS_RESIDUAL=residual is not None,
-        BN=config.block_n, PDL=pdl, num_warps=config.num_warps, launch_pdl=pdl,
+        BN=config.block_n, PDL=pdl, M=m, num_warps=config.num_warps, launch_pdl=pdl,
         enable_fp_fusion=False,
     )  # fmt: skip
     return outputs
@@ -547,8 +565,8 @@ def gemv(
     norm: tuple[torch.Tensor, float] | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """One token: `rmsnorm(x) @ W.T + bias + residual` (each part when given). x (1, K) float32,
-    `norm` an RMSNorm's (weight, eps); returns (1, N) float32."""
+    """Up to MAX_ROWS tokens: `rmsnorm(x) @ W.T + bias + residual` (each part when given). x
+    (M, K) float32, `norm` an RMSNorm's (weight, eps); returns (M, N) float32."""
     return _launch(x, [matrix], [bias], residual, norm, swiglu=False, config=config)[0]
 
 
@@ -559,7 +577,8 @@ def gemv_swiglu(
     norm: tuple[torch.Tensor, float] | None = None,
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
-    """One token: `silu(x' @ G.T) * (x' @ U.T)` with x' = rmsnorm(x) when `norm` is given."""
+    """Up to MAX_ROWS tokens: `silu(x' @ G.T) * (x' @ U.T)` with x' = rmsnorm(x) when `norm`
+    is given."""
     return _launch(x, [gate, up], [None, None], None, norm, swiglu=True, config=config)[0]
 
 
@@ -570,7 +589,7 @@ def gemv_qkv(
     norm: tuple[torch.Tensor, float] | None = None,
     config: GemvConfig | None = None,
 ) -> list[torch.Tensor]:
-    """One token, three matrices of one input (q, k and v) in one launch: each
+    """Up to MAX_ROWS tokens, three matrices of one input (q, k and v) in one launch: each
     `rmsnorm(x) @ W.T + bias`. Biases are all given or all None."""
     if len(matrices) != 3 or len({b is None for b in biases}) > 1:
         raise ValueError("expected three matrices with biases all given or all None")

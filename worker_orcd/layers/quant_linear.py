@@ -3,9 +3,10 @@
 `QuantWeight` is the one place a weight's bytes live. On the CPU (tests and development) a layer
 keeps a dequantized float32 copy for speed, and the layers below are plain torch: they are the
 reference, batch-invariant through `tiled_linear`. On CUDA VRAM holds only the blocks, and the
-RMSNorm before a layer, its bias, residual and SwiGLU ride in the matmul's launches: one row goes
-through `quant_gemv`, more rows through `quant_mmq` (the same bits per row as the GEMV), and
-formats that have no integer path through `quant_matmul`.
+RMSNorm before a layer, its bias, residual and SwiGLU ride in the matmul's launches: one row, or
+up to eight rows in an integer format, goes through `quant_gemv`, more rows through `quant_mmq`
+(the same bits per row as the GEMV), and formats that have no integer path through
+`quant_matmul`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import nn
 from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.kernels.integer_dot import INTEGER_DOT
-from worker_orcd.kernels.quant_gemv import gemv, gemv_qkv, gemv_swiglu
+from worker_orcd.kernels.quant_gemv import MAX_ROWS, gemv, gemv_qkv, gemv_swiglu
 from worker_orcd.kernels.quant_matmul import dequantize_rows, quant_matmul
 from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.layers.activation import SiluAndMul
@@ -97,10 +98,17 @@ def _fused_norm(norm: RMSNorm | None) -> tuple[torch.Tensor, float] | None:
     return None if norm is None else (norm.weight, norm.eps)
 
 
-def _batched(x: torch.Tensor, weights: list[QuantWeight]) -> bool:
-    """Whether rows of x go through `mmq`: several rows on CUDA, every weight in an integer
-    format."""
-    return x.is_cuda and x.shape[0] > 1 and all(w.qtype in INTEGER_DOT for w in weights)
+def _kernel(x: torch.Tensor, weights: list[QuantWeight]) -> str | None:
+    """Which CUDA kernel takes the rows of x: "gemv" for one row, or up to `MAX_ROWS` rows of
+    the integer formats (each weight read once for them all); "mmq" for more rows of those;
+    None for the rest (`quant_matmul`, or torch on the CPU). The integer kernels give a row the
+    same bits whichever of them computes it."""
+    if not x.is_cuda:
+        return None
+    rows, integer = x.shape[0], all(w.qtype in INTEGER_DOT for w in weights)
+    if rows == 1 or (integer and rows <= MAX_ROWS):
+        return "gemv"
+    return "mmq" if integer else None
 
 
 class QuantLinear(nn.Module):
@@ -119,9 +127,10 @@ class QuantLinear(nn.Module):
         """norm(x) @ W.T + bias + residual, each part when given; x (tokens, in_features). On
         CUDA one token's norm, bias and residual ride in the matmul's launch."""
         w = self.weight
-        if x.is_cuda and x.shape[0] == 1:
+        kernel = _kernel(x, [w])
+        if kernel == "gemv":
             return gemv(x, w, self.bias, residual, _fused_norm(norm))
-        if _batched(x, [w]):
+        if kernel == "mmq":
             return mmq(x, [w], [self.bias], residual, _fused_norm(norm))[0]
         if norm is not None:
             x = norm(x)
@@ -151,11 +160,10 @@ class QKVLinear(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         weights = [p.weight for p in self.projections]
         biases = [p.bias for p in self.projections]
-        if x.is_cuda and x.shape[0] == 1:
-            q, k, v = gemv_qkv(x, weights, biases, _fused_norm(norm))
-            return q, k, v
-        if _batched(x, weights):
-            q, k, v = mmq(x, weights, biases, None, _fused_norm(norm))
+        kernel = _kernel(x, weights)
+        if kernel is not None:
+            launch = gemv_qkv if kernel == "gemv" else mmq
+            q, k, v = launch(x, weights, biases, norm=_fused_norm(norm))
             return q, k, v
         if norm is not None:
             x = norm(x)
@@ -181,9 +189,10 @@ class QuantSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
         weights = [self.gate.weight, self.up.weight]
-        if x.is_cuda and x.shape[0] == 1:
+        kernel = _kernel(x, weights)
+        if kernel == "gemv":
             return gemv_swiglu(x, *weights, _fused_norm(norm))
-        if _batched(x, weights):
+        if kernel == "mmq":
             return mmq(x, weights, [None, None], None, _fused_norm(norm), swiglu=True)[0]
         if norm is not None:
             x = norm(x)
