@@ -27,7 +27,7 @@ from worker_orcd.gguf.dequant import dequantize
 from worker_orcd.gguf.reader import GGUFFile
 from worker_orcd.gguf.synth import random_blocks, synthesize
 from worker_orcd.kernels.integer_dot import INTEGER_DOT, quantize_activation
-from worker_orcd.kernels.quant_gemv import gemv
+from worker_orcd.kernels.quant_gemv import MAX_ROWS, gemv
 from worker_orcd.kernels.quant_matmul import quant_matmul
 from worker_orcd.kernels.quant_mmq import mmq
 from worker_orcd.sampling_params import SamplingParams
@@ -63,7 +63,7 @@ def check_kernels(rng: np.random.Generator) -> list[dict]:
             x = torch.randn(m, k, device="cuda")
             integer = qtype in INTEGER_DOT
             seen = quantize_activation(x) if integer else x  # integer formats round x
-            if m == 1:
+            if m == 1 or (integer and m <= MAX_ROWS):
                 call = functools.partial(gemv, x, matrix)
             elif integer:
                 call = functools.partial(lambda x, matrix: mmq(x, [matrix], [None])[0], x, matrix)

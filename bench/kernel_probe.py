@@ -1,6 +1,6 @@
-"""Two design questions for the next kernels, answered on the device.
+"""Design questions for the next kernels, answered on the device.
 
-    python3 bench/kernel_probe.py
+    python3 bench/kernel_probe.py {matmuls,attention,rows}
 
 1. Decode attention: a decode row's tile holds 16 query slots of 8 (padded) heads, 128 rows of
    which a GQA group of 7 is real. With tiles of 2 query slots (16 rows) the softmax does an
@@ -11,13 +11,18 @@
    keys per split instead of 256 halved B=1 decode at 200 positions and doubled an 8,192-token
    prefill's attention. So the probe now asks whether tiles of 16 at 2 warps (mma.sync) give
    the bits of tiles of 2, and what that costs prefill.
-2. Batched matmuls: a fused kernel that dequantizes a tile of the GGUF blocks to float16 in
+2. Batched matmuls: a matmul that dequantizes a tile of the GGUF blocks to float16 in
    registers (`dequant_tile`, any format) and multiplies on the tensor cores (`tl.dot`, float32
-   sums) does no per-output scale work, unlike `mmq`. Is it faster than the GEMV (one row) and
-   `mmq` (many), and does a row keep its bits across tile heights and row counts? First run:
-   bits equal at tile heights 16 and 32 (mma.sync) for any row count, other bits at 64 and 128
-   (wgmma); at 2,048 rows 3.8x faster than `mmq` on Q4_K down (125 against 476 us), 1.8x on
-   Q5_0 gate; at 1 row 6 to 20x slower than the GEMV.
+   sums) has no per-output scale work, unlike `mmq`. First run: bits equal at tile heights 16
+   and 32 (mma.sync) for any row count, other bits at 64 and 128 (wgmma). Second run (H100,
+   2026-12-07, `matmuls`): at tile heights 16 and 32, sums per 128 elements of K added in
+   fixed point, a row keeps its bits across tile shapes, K splits and row counts on every
+   shape, but the kernel is 3-6x slower than the GEMV at one row and slower than `mmq` at 32
+   to 2,048 rows on the Q5_0 matrices (gate at 128 rows 68 against 38 us, at 2,048 681 against
+   352 us); it wins only on the small Q8_0 matrix and ties on Q4_K down. Unpacking each weight
+   element from its byte costs more than `mmq`'s per-output scale work, so the integer kernels
+   stay.
+3. Rows 2 to 8 (`rows`): the GEMV over every row against `mmq`, per shape (the same bits).
 """
 
 from __future__ import annotations
@@ -32,7 +37,6 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as T
 
 from worker_orcd.engine.forward_batch import ForwardBatch
@@ -41,40 +45,79 @@ from worker_orcd.engine.sequence import Sequence
 from worker_orcd.gguf.synth import random_blocks
 from worker_orcd.kernels import paged_attention
 from worker_orcd.kernels.blocks import dequant_tile
+from worker_orcd.kernels.integer_dot import from_fixed, row_bytes, to_fixed
 from worker_orcd.kernels.paged_attention import paged_attention_kernel
 from worker_orcd.kernels.quant_gemv import gemv
 from worker_orcd.kernels.quant_matmul import dequantize_rows
-from worker_orcd.kernels.quant_mmq import mmq
+from worker_orcd.kernels.quant_mmq import SPLIT_SUMS, _split_buffers, mmq
 from worker_orcd.sampling_params import SamplingParams
 
 
 @triton.jit
-def _dequant_dot_kernel(
-    x_ptr, w_ptr, out_ptr, M, N, row_bytes,
-    K: tl.constexpr, QTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+def _mma_kernel(
+    x_ptr, w_ptr, out_ptr, sums_ptr, arrived_ptr, M, N, splits,
+    K: tl.constexpr, QTYPE: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+    BK: tl.constexpr, GROUP: tl.constexpr, SPLIT: tl.constexpr,
 ):  # fmt: skip
+    """x (M, K) float32 @ W.T with x and each dequantized weight rounded to float16, float32
+    sums on the tensor cores per GROUP elements of K, groups added in fixed point (any split
+    along K gives the same bits)."""
     rows = tl.program_id(1) * BM + tl.arange(0, BM)
     cols = tl.program_id(0) * BN + tl.arange(0, BN)
-    acc = tl.zeros((BM, BN), tl.float32)
-    for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        x = tl.load(x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :], rows[:, None] < M, 0.0)
-        w = dequant_tile(w_ptr, cols, cols < N, k0, row_bytes, K, QTYPE, BN, BK)
-        acc = tl.dot(x, tl.trans(w.to(tl.float16)), acc)
-    mask = (rows[:, None] < M) & (cols[None, :] < N)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * N + cols[None, :], acc, mask=mask)
+    rmask, cmask = rows < M, cols < N
+    groups = tl.cdiv(K, GROUP)
+    split = tl.program_id(2)
+    acc = tl.zeros((BM, BN), tl.int64)
+    for g in tl.range(split * groups // splits, (split + 1) * groups // splits):
+        part = tl.zeros((BM, BN), tl.float32)
+        for kk in tl.static_range(0, GROUP, BK):
+            ks = g * GROUP + kk + tl.arange(0, BK)
+            x = tl.load(
+                x_ptr + rows[:, None].to(tl.int64) * K + ks[None, :],
+                rmask[:, None] & (ks < K)[None, :],
+                0.0,
+            )
+            w = dequant_tile(w_ptr, cols, cmask, g * GROUP + kk, row_bytes(QTYPE, K), K, QTYPE,
+                             BN, BK)  # fmt: skip
+            part = tl.dot(x.to(tl.float16), tl.trans(w.to(tl.float16)), part)
+        acc += to_fixed(part)
+    at = rows.to(tl.int64)[:, None] * N + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    if not SPLIT:
+        tl.store(out_ptr + at, from_fixed(acc), mask=mask)
+    else:
+        tile = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.atomic_add(sums_ptr + at, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        if tl.atomic_add(arrived_ptr + tile, 1, sem="acq_rel") == splits - 1:
+            acc = tl.atomic_xchg(sums_ptr + at, tl.zeros_like(acc), mask=mask)
+            tl.atomic_xchg(arrived_ptr + tile, 0)
+            tl.store(out_ptr + at, from_fixed(acc), mask=mask)
 
 
-def dequant_dot(
-    x: torch.Tensor, matrix: SimpleNamespace, bm: int, bn: int = 64, bk: int = 64, warps: int = 4
+def mma_matmul(
+    x: torch.Tensor,
+    matrix: SimpleNamespace,
+    bm: int,
+    bn: int,
+    bk: int = 64,
+    group: int = 128,
+    split: int | None = None,
+    warps: int = 4,
 ) -> torch.Tensor:
-    """x (M, K) float16 @ W.T, W dequantized tile by tile: (M, N) float32."""
+    """The probe's float16 tensor-core matmul; `split` None: about two programs per SM."""
     (m, k), n = x.shape, matrix.shape[0]
-    block_size, type_size = GGML_QUANT_SIZES[matrix.qtype]
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    groups = triton.cdiv(k, group)
+    if split is None:
+        programs = 2 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        split = max(1, min(programs // tiles, groups // 2))
+        split = split if m * n <= SPLIT_SUMS else 1
     out = torch.empty(m, n, device=x.device, dtype=torch.float32)
-    _dequant_dot_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, matrix.blocks, out, m, n, k // block_size * type_size,
-        K=k, QTYPE=int(matrix.qtype), BM=bm, BN=bn, BK=bk, num_warps=warps,
+    sums, arrived = _split_buffers(x.device)
+    _mma_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm), split)](
+        x, matrix.blocks, out, sums, arrived, m, n, split, K=k, QTYPE=int(matrix.qtype),
+        BM=bm, BN=bn, BK=bk, GROUP=group, SPLIT=split > 1, num_warps=warps,
     )  # fmt: skip
     return out
 
@@ -142,40 +185,78 @@ def probe_attention() -> None:
     paged_attention.SPLIT_WARPS = 4
 
 
+SHAPES = (  # the Qwen2.5-0.5B Q4_K_M matrices: name, type, rows, cols
+    ("q Q5_0", T.Q5_0, 896, 896),
+    ("v Q8_0", T.Q8_0, 128, 896),
+    ("gate Q5_0", T.Q5_0, 4864, 896),
+    ("down Q4_K", T.Q4_K, 896, 4864),
+    ("down Q6_K", T.Q6_K, 896, 4864),
+    ("head Q8_0", T.Q8_0, 151936, 896),
+)
+
+
 def probe_matmuls() -> None:
+    """Per real shape: whether a row keeps its bits in the float16 tensor-core matmul across
+    tile shapes, K splits and row counts, its error against float16 operands summed in float32,
+    and its time against today's integer kernels (GEMV up to 8 rows, `mmq` above)."""
     rng = np.random.default_rng(0)
-    for name, qtype, n, k in (("gate Q5_0", T.Q5_0, 4864, 896), ("down Q4_K", T.Q4_K, 896, 4864)):
+    for name, qtype, n, k in SHAPES:
         blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
         matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
-        x = torch.randn(2048, k, device="cuda")
-        x16 = x.half()
+        x = torch.randn(2048 if n < 65536 else 128, k, device="cuda")
         weight = dequantize_rows(blocks, qtype, (n, k)).half().float()
-        error = (dequant_dot(x16[:128], matrix, 64) - x16[:128].float() @ weight.T).abs().max()
-        alone = dequant_dot(x16[:1], matrix, 16)
-        same = {
-            (bm, m): torch.equal(dequant_dot(x16[:m], matrix, bm)[:1], alone)
-            for bm in (16, 32, 64, 128)
-            for m in (1, 7, 128, 2048)
-        }
-        print(f"{name}: max abs error {error:.2e}; row 0's bits at (BM, M): {same}", flush=True)
-        for m in (1, 128, 2048):
-            xm, x16m = x[:m].contiguous(), x16[:m].contiguous()
+        reference = x[:128].half().float() @ weight.T
+        error = (mma_matmul(x[:128], matrix, 32, 64) - reference).abs().max()
+        alone = mma_matmul(x[:1], matrix, 16, 64)
+        configs = ((16, 64, 64, None), (32, 64, 64, 1), (32, 128, 128, 1), (16, 32, 64, 3))
+        same = all(
+            torch.equal(mma_matmul(x[:m], matrix, bm, bn, bk, split=s)[:1], alone)
+            for bm, bn, bk, s in configs
+            for m in (1, 7, 128)
+        )
+        print(
+            f"{name}: error {error / reference.abs().max():.1e} of max; row 0's bits "
+            f"across tiles, splits and row counts: {same}",
+            flush=True,
+        )
+        for m in (1, 8, 32, 128, 2048):
+            if m > x.shape[0]:
+                continue
+            xm = x[:m].contiguous()
             ours = microseconds(
-                partial(gemv, xm, matrix) if m == 1 else partial(mmq, xm, [matrix], [None])
+                partial(gemv, xm, matrix) if m <= 8 else partial(mmq, xm, [matrix], [None])
             )
-            best = min(
-                (microseconds(partial(dequant_dot, x16m, matrix, bm, bn)), bm, bn)
-                for bm in (16, 64, 128)
-                if bm <= max(16, 2 * m)
+            timed = {
+                (bm, bn): microseconds(partial(mma_matmul, xm, matrix, bm, bn))
+                for bm in (16, 32)
                 for bn in (64, 128)
-            )
+            }
+            (bm, bn), best = min(timed.items(), key=lambda item: item[1])
             print(
-                f"  M={m:5d}: {'gemv' if m == 1 else 'mmq'} {ours:8.1f} us, dequantize+dot "
-                f"{best[0]:8.1f} us (BM {best[1]}, BN {best[2]})",
+                f"  M={m:5d}: {'gemv' if m <= 8 else 'mmq'} {ours:8.1f} us, float16 mma "
+                f"{best:8.1f} us (BM {bm}, BN {bn}); all: "
+                + " ".join(f"{c}:{t:.1f}" for c, t in timed.items()),
                 flush=True,
             )
 
 
+def probe_rows() -> None:
+    """Per real shape and 2 to 8 rows: the GEMV over every row against `mmq` (same bits)."""
+    rng = np.random.default_rng(0)
+    for name, qtype, n, k in SHAPES:
+        blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
+        matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
+        cells = []
+        for m in (1, 2, 4, 8, 16):
+            x = torch.randn(m, k, device="cuda")
+            g = microseconds(partial(gemv, x, matrix)) if m <= 8 else float("nan")
+            cells.append(
+                f"M={m} gemv {g:.1f} mmq {microseconds(partial(mmq, x, [matrix], [None])):.1f}"
+            )
+        print(f"{name}: " + "; ".join(cells), flush=True)
+
+
 if __name__ == "__main__":
-    probe_attention()
-    probe_matmuls()
+    import sys
+
+    {"rows": probe_rows, "matmuls": probe_matmuls, "attention": probe_attention}[sys.argv[1]]()

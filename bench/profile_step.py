@@ -4,12 +4,14 @@
 At each batch size, B random 128-token prompts decode together; after a warm-up run, one run is
 timed and then one is profiled. Prints wall time per decode step, the host's busy time per step
 (the step loop minus its waits for the device's tokens) and the GPU's kernel time per step, then
-the kernels by total GPU time.
+the kernels by total GPU time, and the host's Python functions by their own time.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import pstats
 import time
 from pathlib import Path
 
@@ -70,6 +72,9 @@ def main() -> None:
             flush=True,
         )
         print(events.table(sort_by="self_device_time_total", row_limit=args.rows), flush=True)
+        with cProfile.Profile() as host:
+            decode(llm.engine, prompts, params, clock)
+        pstats.Stats(host).sort_stats("tottime").print_stats(args.rows)
 
 
 def decode(
