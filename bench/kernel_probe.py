@@ -47,7 +47,7 @@ from worker_orcd.kernels import paged_attention
 from worker_orcd.kernels.blocks import dequant_tile
 from worker_orcd.kernels.integer_dot import from_fixed, row_bytes, to_fixed
 from worker_orcd.kernels.paged_attention import paged_attention_kernel
-from worker_orcd.kernels.quant_gemv import gemv
+from worker_orcd.kernels.quant_gemv import gemv, gemv_config
 from worker_orcd.kernels.quant_matmul import dequantize_rows
 from worker_orcd.kernels.quant_mmq import SPLIT_SUMS, _split_buffers, mmq
 from worker_orcd.sampling_params import SamplingParams
@@ -241,17 +241,20 @@ def probe_matmuls() -> None:
 
 
 def probe_rows() -> None:
-    """Per real shape and 2 to 8 rows: the GEMV over every row against `mmq` (same bits)."""
+    """Per real shape and 2 to 8 rows: the GEMV over every row (as configured, and with x
+    rounded by a launch of its own) against `mmq` (the same bits)."""
     rng = np.random.default_rng(0)
     for name, qtype, n, k in SHAPES:
         blocks = torch.from_numpy(random_blocks(qtype, n, k, rng).reshape(-1)).cuda()
         matrix = SimpleNamespace(blocks=blocks, qtype=qtype, shape=(n, k))
+        first = dataclasses.replace(gemv_config(qtype, n, k), quantize_first=True)
         cells = []
-        for m in (1, 2, 4, 8, 16):
+        for m in (1, 2, 4, 8):
             x = torch.randn(m, k, device="cuda")
-            g = microseconds(partial(gemv, x, matrix)) if m <= 8 else float("nan")
+            gemvs = (microseconds(partial(gemv, x, matrix, config=c)) for c in (None, first))
+            mmq_us = microseconds(partial(mmq, x, [matrix], [None]))
             cells.append(
-                f"M={m} gemv {g:.1f} mmq {microseconds(partial(mmq, x, [matrix], [None])):.1f}"
+                "M={} gemv {:.1f} quantized first {:.1f} mmq {:.1f}".format(m, *gemvs, mmq_us)
             )
         print(f"{name}: " + "; ".join(cells), flush=True)
 

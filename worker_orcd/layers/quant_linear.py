@@ -4,9 +4,9 @@
 keeps a dequantized float32 copy for speed, and the layers below are plain torch: they are the
 reference, batch-invariant through `tiled_linear`. On CUDA VRAM holds only the blocks, and the
 RMSNorm before a layer, its bias, residual and SwiGLU ride in the matmul's launches: one row, or
-up to eight rows in an integer format, goes through `quant_gemv`, more rows through `quant_mmq`
-(the same bits per row as the GEMV), and formats that have no integer path through
-`quant_matmul`.
+a few rows in an integer format (up to eight over large matrices), goes through `quant_gemv`,
+more rows through `quant_mmq` (the same bits per row as the GEMV), and formats that have no
+integer path through `quant_matmul`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,12 @@ from worker_orcd.layers.norm import RMSNorm
 
 CHUNK_BYTES = 1 << 20  # spec M0-W-1222
 ROW_TILE = 8  # rows per matmul on the CPU
+# The GEMV computes a token's outputs after another's in each program. Over a small matrix (q,
+# k, v, o: few programs) that is slower than `mmq` from 4 rows; over the FFN's and the head's
+# it is faster up to MAX_ROWS (bench/kernel_probe.py `rows`, H100: at 8 rows q 16.4 against
+# 9.1 us in `mmq`, gate 9.9 against 22.3).
+SMALL_MATRIX = 2 << 20  # elements, of all the matrices of one launch
+SMALL_MATRIX_ROWS = 3
 
 
 def tiled_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -99,16 +105,19 @@ def _fused_norm(norm: RMSNorm | None) -> tuple[torch.Tensor, float] | None:
 
 
 def _kernel(x: torch.Tensor, weights: list[QuantWeight]) -> str | None:
-    """Which CUDA kernel takes the rows of x: "gemv" for one row, or up to `MAX_ROWS` rows of
-    the integer formats (each weight read once for them all); "mmq" for more rows of those;
-    None for the rest (`quant_matmul`, or torch on the CPU). The integer kernels give a row the
-    same bits whichever of them computes it."""
+    """Which CUDA kernel takes the rows of x: "gemv" for one row, or a few rows of the integer
+    formats (each weight read once for them all); "mmq" for more rows of those; None for the
+    rest (`quant_matmul`, or torch on the CPU). The integer kernels give a row the same bits
+    whichever of them computes it, so the choice is speed alone."""
     if not x.is_cuda:
         return None
-    rows, integer = x.shape[0], all(w.qtype in INTEGER_DOT for w in weights)
-    if rows == 1 or (integer and rows <= MAX_ROWS):
+    rows = x.shape[0]
+    if rows == 1:
         return "gemv"
-    return "mmq" if integer else None
+    if not all(w.qtype in INTEGER_DOT for w in weights):
+        return None
+    small = sum(w.shape[0] * w.shape[1] for w in weights) < SMALL_MATRIX
+    return "gemv" if rows <= (SMALL_MATRIX_ROWS if small else MAX_ROWS) else "mmq"
 
 
 class QuantLinear(nn.Module):
