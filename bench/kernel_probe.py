@@ -9,8 +9,12 @@
    2026-12-07, 4 warps): tiles of 2 were 1.9x faster at B=1 and 2.2x at B=128 (context 2,048:
    63.5 against 142.9 us), but gave other bits than tiles of 16 (mma.sync against wgmma); 64
    keys per split instead of 256 halved B=1 decode at 200 positions and doubled an 8,192-token
-   prefill's attention. So the probe now asks whether tiles of 16 at 2 warps (mma.sync) give
-   the bits of tiles of 2, and what that costs prefill.
+   prefill's attention. Second run (H100, 2026-12-07, afternoon): a decode row (one query per
+   sequence) gets the same bits from tiles of 2 at 1 warp as from tiles of 16 at 4 warps, in
+   all five decode shapes, 1.7x faster at B=1 (200 positions: 11.0 against 18.6 us; 16,384:
+   16.4 against 25.8) and 2.3x at B=128 over 2,048 positions (62.2 against 143.1); at 2 or 4
+   warps tiles of 2 give other bits. Its prefill rows were void (see `probe_attention`). Next:
+   prefill in tiles of 4 to 16 at 1 warp, their cost, and whether they keep decode's bits.
 2. Batched matmuls: a matmul that dequantizes a tile of the GGUF blocks to float16 in
    registers (`dequant_tile`, any format) and multiplies on the tensor cores (`tl.dot`, float32
    sums) has no per-output scale work, unlike `mmq`. First run: bits equal at tile heights 16
@@ -158,27 +162,46 @@ def attention_batch(seqs: int, context: int, queries: int, generator: torch.Gene
     return q, keys, values, batch
 
 
+def retile(batch: ForwardBatch, tile: int) -> ForwardBatch:
+    """The batch with the attention kernel's work list cut into tiles of `tile` query tokens."""
+    seqs, starts = [], []
+    for i in range(batch.num_seqs):
+        for row in range(batch.query_starts[i], batch.query_starts[i + 1], tile):
+            seqs.append(i)
+            starts.append(row)
+    device, dtype = batch.tile_seqs.device, batch.tile_seqs.dtype
+    return dataclasses.replace(
+        batch,
+        query_tile=tile,
+        tile_seqs=torch.tensor(seqs, device=device, dtype=dtype),
+        tile_starts=torch.tensor(starts, device=device, dtype=dtype),
+    )
+
+
 def probe_attention() -> None:
     """Per shape, time per launch pair (split + merge) by query tile and warps, and whether a
-    decode configuration gives a row the bits of a prefill one (the guarantee that a token gets
-    the same bits in a prefill chunk as in a decode step). Tiles of 16 query slots are 128
-    rows: wgmma at 4 warps, mma.sync at 2; tiles of 2 are 16 rows: mma.sync."""
+    configuration gives a row the bits of another (the guarantee that a token gets the same
+    bits in a prefill chunk as in a decode step). Tiles of 16 query slots are 128 rows: wgmma
+    at 4 warps, mma.sync at fewer; tiles of 2 are 16 rows: mma.sync. (The first two runs kept
+    the work list of tiles of 16 for every tile, so their prefill rows past a small tile's
+    were never computed: their prefill times and bits for small tiles are void.)"""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    configs = ((16, 4), (16, 2), (2, 1), (2, 2), (2, 4))
+    configs = ((16, 4), (16, 1), (8, 1), (4, 1), (2, 1))
     shapes = ((1, 200, 1), (1, 2048, 1), (1, 16384, 1), (128, 256, 1), (128, 2048, 1))
     for seqs, context, queries in (*shapes, (1, 2048, 2048), (1, 8192, 2048)):
         q, keys, values, batch = attention_batch(seqs, context, queries, generator)
         results = {}
         for tile, warps in configs:
             paged_attention.SPLIT_WARPS = warps
-            tiled = dataclasses.replace(batch, query_tile=tile)
+            tiled = retile(batch, tile)
             out = paged_attention_kernel(q, keys, values, tiled, 0.125)
             us = microseconds(partial(paged_attention_kernel, q, keys, values, tiled, 0.125))
             results[tile, warps] = (out, us)
-        wgmma, mma = results[16, 4][0], results[16, 2][0]
+        wgmma, small = results[16, 4][0], results[2, 1][0]
         cells = [
-            f"tile {t} warps {w}: {us:.1f} us, bits of (16, 4) {torch.equal(out, wgmma)}, "
-            f"of (16, 2) {torch.equal(out, mma)}"
+            f"tile {t} warps {w}: {us:.1f} us, max diff from (16, 4) "
+            f"{(out - wgmma).abs().max().item():.1e}, bits of (16, 4) {torch.equal(out, wgmma)}, "
+            f"of (2, 1) {torch.equal(out, small)}"
             for (t, w), (out, us) in results.items()
         ]
         print(f"attention B={seqs} context={context} queries={queries}: " + "; ".join(cells))
