@@ -51,7 +51,11 @@ def gumbel_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class SamplingBatch:
-    """Per-row parameters as tensors, built once per step from each row's request."""
+    """Per-row parameters as tensors, built once per step from each row's request. A step of
+    greedy rows without a repetition penalty is an argmax: it uploads nothing (its parameter
+    tensors stay None)."""
+
+    temperatures = penalties = top_p = min_p = top_k = seeds = indices = seen = None
 
     def __init__(
         self,
@@ -61,6 +65,14 @@ class SamplingBatch:
         histories: Sequence[Sequence[int]],
         device: torch.device,
     ):
+        # what the filters need to know on the host, known here without a device sync
+        self.greedy = all(p.temperature == 0.0 for p in params)
+        self.max_top_k = max(p.top_k for p in params)
+        self.any_top_p = any(p.top_p < 1.0 for p in params)
+        self.any_min_p = any(p.min_p > 0.0 for p in params)
+        penalized = any(p.repetition_penalty != 1.0 for p in params)
+        if self.greedy and not penalized:
+            return
         # two host-to-device copies: the float columns, then the integer ones
         floats = [[p.temperature, p.repetition_penalty, p.top_p, p.min_p] for p in params]
         self.temperatures, self.penalties, self.top_p, self.min_p = upload(
@@ -73,13 +85,7 @@ class SamplingBatch:
         ]
         top_k, self.seeds, self.indices = upload(torch.tensor(ints, dtype=torch.long), device).T
         self.top_k = top_k[:, None]
-        self.greedy = all(p.temperature == 0.0 for p in params)
-        # what the filters need to know on the host, known here without a device sync
-        self.max_top_k = max(p.top_k for p in params)
-        self.any_top_p = any(p.top_p < 1.0 for p in params)
-        self.any_min_p = any(p.min_p > 0.0 for p in params)
-        self.seen = None  # (rows, 1 + longest history) of ids; -1 pads
-        if any(p.repetition_penalty != 1.0 for p in params):
+        if penalized:  # (rows, 1 + longest history) of ids; -1 pads
             width = 1 + max(len(h) for h in histories)
             padded = [list(h) + [-1] * (width - len(h)) for h in histories]
             self.seen = upload(torch.tensor(padded, dtype=torch.long), device)
