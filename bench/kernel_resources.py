@@ -1,11 +1,14 @@
-"""Registers, spills and shared memory of `mmq`'s launches at the Qwen2.5-0.5B shapes on
-sm_90, compiled on this machine without a GPU (Triton's own ptxas and cuobjdump).
+"""Registers, spills, shared memory and tensor-core instructions of launches at the
+Qwen2.5-0.5B shapes on sm_90, compiled on this machine without a GPU (Triton's own ptxas and
+cuobjdump).
 
-    python3 bench/kernel_resources.py [--rows 128]
+    python3 bench/kernel_resources.py mmq [--rows 128]
+    python3 bench/kernel_resources.py attention
 Registers bound the programs an SM holds: on the H100 (2026-12-07, Nsight Compute) `mmq` at
 128 rows ran two programs of 4 warps per SM (12.5% occupancy), limited by its registers, and
-stalled on memory. Each role compiles with the tiles `mmq_config` picks at --rows, once whole
-and once split along K.
+stalled on memory. `mmq`: each role compiles with the tiles `mmq_config` picks at --rows, once
+whole and once split along K. `attention`: the split kernel by (query tile, warps, keys per
+step); spilled bytes there rule a configuration out before any device time is spent.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from gguf import GGMLQuantizationType as T
 from triton.backends.compiler import GPUTarget
 
 from worker_orcd.kernels.integer_dot import units_per_row
+from worker_orcd.kernels.paged_attention import KV_SPLIT, _split_kernel
 from worker_orcd.kernels.quant_mmq import MmqConfig, _mmq_kernel, mmq_config
 
 # role: (formats of its matrices, rows of each output, K, SwiGLU, bias, residual)
@@ -34,6 +38,10 @@ ROLES = {
     "head": ((T.Q8_0,), (151936,), 896, False, False, False),
 }
 
+# (query tile, warps, keys per inner step) of the attention split kernel
+ATTENTION_CONFIGS = ((16, 4, 32), (16, 1, 32), (8, 1, 32), (2, 1, 32), (2, 1, 64), (2, 2, 64),
+                     (2, 4, 32), (2, 4, 64), (2, 4, 128), (4, 4, 64))  # fmt: skip
+
 
 def _type(name: str) -> str:
     if name in ("a_ptr", "b_ptr", "c_ptr"):
@@ -45,32 +53,20 @@ def _type(name: str) -> str:
     return "*fp32" if name.endswith(("_ptr", "_bias", "_out")) else "i32"
 
 
-def resources(role: str, config: MmqConfig) -> str:
-    """`config`'s registers per thread, spilled bytes and shared memory for `role`."""
-    qtypes, _, k, swiglu, bias, residual = ROLES[role]
-    slots = [int(qtypes[min(i, len(qtypes) - 1)]) for i in range(3)]
-    constants = dict(
-        K=k, QA=slots[0], QB=slots[1], QC=slots[2], MATRICES=len(qtypes), SWIGLU=swiglu,
-        HAS_BIAS=bias, HAS_RESIDUAL=residual, BM=config.block_m, BN=config.block_n,
-        SPLIT=config.split > 1, PDL=True,
-    )  # fmt: skip
-    if config.split == 1:
-        constants["splits"] = 1  # as a launch specializes an integer argument of 1
-    names = _mmq_kernel.arg_names
-    signature = {n: "constexpr" if n in constants else _type(n) for n in names}
-    # every pointer, row count and width here is a multiple of 16, which a launch specializes
-    aligned = {
-        (names.index(n),): [["tt.divisibility", 16]]
-        for n, t in signature.items()
-        if t != "constexpr"
-    }
+def compile_sm90(fn, constants: dict, types: dict[str, str], options: dict) -> str:
+    """`fn` compiled for sm_90 with `constants`: registers per thread, spilled bytes, shared
+    memory and its tensor-core instructions. Every other argument is typed by `types` (an
+    integer where absent) and, as a launch specializes them, taken as a multiple of 16."""
+    names = fn.arg_names
+    signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
+    aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
+               if t not in ("constexpr", "fp32")}  # fmt: skip
     source = triton.compiler.ASTSource(
-        fn=_mmq_kernel,
+        fn=fn,
         signature=signature,
         constexprs={(names.index(n),): v for n, v in constants.items()},
         attrs=aligned,
     )
-    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -83,22 +79,58 @@ def resources(role: str, config: MmqConfig) -> str:
     fields = dict(
         field.split(":") for line in usage.splitlines() if "REG:" in line for field in line.split()
     )
+    ptx = compiled.asm["ptx"]
     return (
-        f"{fields['REG']} registers, {fields['LOCAL']} bytes spilled, "
-        f"{compiled.metadata.shared} bytes shared"
+        f"{fields['REG']} registers, {fields['STACK']} bytes spilled, "
+        f"{compiled.metadata.shared} bytes shared, {ptx.count('wgmma.mma_async')} wgmma, "
+        f"{ptx.count('mma.sync')} mma.sync"
     )
+
+
+def mmq_resources(role: str, config: MmqConfig) -> str:
+    qtypes, _, k, swiglu, bias, residual = ROLES[role]
+    slots = [int(qtypes[min(i, len(qtypes) - 1)]) for i in range(3)]
+    constants = dict(
+        K=k, QA=slots[0], QB=slots[1], QC=slots[2], MATRICES=len(qtypes), SWIGLU=swiglu,
+        HAS_BIAS=bias, HAS_RESIDUAL=residual, BM=config.block_m, BN=config.block_n,
+        SPLIT=config.split > 1, PDL=True,
+    )  # fmt: skip
+    if config.split == 1:
+        constants["splits"] = 1  # as a launch specializes an integer argument of 1
+    types = {n: _type(n) for n in _mmq_kernel.arg_names}
+    options = dict(num_warps=config.num_warps, num_stages=config.num_stages, enable_fp_fusion=False)
+    return compile_sm90(_mmq_kernel, constants, types, options)
+
+
+def attention_resources(tile: int, warps: int, block_n: int) -> str:
+    """Qwen2.5-0.5B's heads: groups of 7 query heads (padded to 8), 64 dimensions."""
+    constants = dict(
+        GROUP=7, GROUP_PAD=8, TILE=tile, HEAD_DIM=64, DIM_PAD=64, BLOCK_N=block_n,
+        BLOCK_SIZE=16, KV_SPLIT=KV_SPLIT,
+    )  # fmt: skip
+    types = {n: "*i32" for n in _split_kernel.arg_names if n.endswith("_ptr")}
+    types |= {"q_ptr": "*fp32", "acc_ptr": "*fp32", "best_ptr": "*fp32", "total_ptr": "*fp32"}
+    types |= {"keys_ptr": "*fp16", "values_ptr": "*fp16", "scale": "fp32"}
+    return compile_sm90(_split_kernel, constants, types, dict(num_warps=warps))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rows", type=int, default=128)
+    kernels = parser.add_subparsers(dest="kernel", required=True)
+    kernels.add_parser("mmq").add_argument("--rows", type=int, default=128)
+    kernels.add_parser("attention")
     args = parser.parse_args()
+    if args.kernel == "attention":
+        for tile, warps, block_n in ATTENTION_CONFIGS:
+            print(f"attention tile={tile} warps={warps} keys={block_n}: "
+                  f"{attention_resources(tile, warps, block_n)}", flush=True)  # fmt: skip
+        return
     for role, (qtypes, sizes, k, swiglu, _, _) in ROLES.items():
         units = min(units_per_row(int(q), k) for q in qtypes)
         config = mmq_config(args.rows, list(sizes), units, 1 + swiglu, torch.device("cpu"))
         for split in (1, 2):
             c = dataclasses.replace(config, split=split)
-            print(f"{role:10s} rows={args.rows} {c}: {resources(role, c)}", flush=True)
+            print(f"{role:10s} rows={args.rows} {c}: {mmq_resources(role, c)}", flush=True)
 
 
 if __name__ == "__main__":
