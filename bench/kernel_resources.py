@@ -55,7 +55,8 @@ def _type(name: str) -> str:
 
 def compile_sm90(fn, constants: dict, types: dict[str, str], options: dict) -> str:
     """`fn` compiled for sm_90 with `constants`: registers per thread, spilled bytes, shared
-    memory and its tensor-core instructions. Every other argument is typed by `types` (an
+    memory, its tensor-core instructions and its asynchronous copies (loads software-pipelined
+    ahead of their use). Every other argument is typed by `types` (an
     integer where absent) and, as a launch specializes them, taken as a multiple of 16."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
@@ -83,7 +84,7 @@ def compile_sm90(fn, constants: dict, types: dict[str, str], options: dict) -> s
     return (
         f"{fields['REG']} registers, {fields['STACK']} bytes spilled, "
         f"{compiled.metadata.shared} bytes shared, {ptx.count('wgmma.mma_async')} wgmma, "
-        f"{ptx.count('mma.sync')} mma.sync"
+        f"{ptx.count('mma.sync')} mma.sync, {ptx.count('cp.async.')} cp.async (pipelined loads)"
     )
 
 
