@@ -13,8 +13,12 @@
    sequence) gets the same bits from tiles of 2 at 1 warp as from tiles of 16 at 4 warps, in
    all five decode shapes, 1.7x faster at B=1 (200 positions: 11.0 against 18.6 us; 16,384:
    16.4 against 25.8) and 2.3x at B=128 over 2,048 positions (62.2 against 143.1); at 2 or 4
-   warps tiles of 2 give other bits. Its prefill rows were void (see `probe_attention`). Next:
-   prefill in tiles of 4 to 16 at 1 warp, their cost, and whether they keep decode's bits.
+   warps tiles of 2 give other bits. Its prefill rows were void (see `probe_attention`). But
+   the guarantee does not need today's bits, only one configuration for decode and prefill
+   alike; so the probe now times (tile, warps, keys per step) configurations and checks, within
+   each, that a token decoded alone gets its row of a 2,048-token prefill. Offline
+   (`kernel_resources.py attention`): 1 warp spills at tiles of 8 or 16 tokens; tiles of 2 at
+   4 warps and 64 keys a step take 108 registers. Not yet run on a device.
 2. Batched matmuls: a matmul that dequantizes a tile of the GGUF blocks to float16 in
    registers (`dequant_tile`, any format) and multiplies on the tensor cores (`tl.dot`, float32
    sums) has no per-output scale work, unlike `mmq`. First run: bits equal at tile heights 16
@@ -209,6 +213,16 @@ def probe_attention() -> None:
             for (t, w, n), (out, us) in results.items()
         ]
         print(f"attention B={seqs} context={context} queries={queries}: " + "; ".join(cells))
+    # A decode graph sizes the splits by the longest context it may meet (16,640 positions
+    # here, as compare_llamacpp.sh's --ctx-size): the programs past a row's last split exit
+    # at once, but they are many. What do they cost at B=128 over 256 positions?
+    q, keys, values, batch, _ = attention_batch(128, 256, 1, generator)
+    graph_sized = dataclasses.replace(batch, max_context=16640)
+    cells = []
+    for config in configs:
+        fitted, graphed = (run(q, keys, values, b, config)[1] for b in (batch, graph_sized))
+        cells.append(f"{config}: {microseconds(fitted):.1f} against {microseconds(graphed):.1f}")
+    print("attention B=128 context=256, splits for 256 against 16,640: " + "; ".join(cells))
     q, keys, values, prefill, chunks = attention_batch(1, 2048, 2048, generator)
     for config in configs:
         whole = run(q, keys, values, prefill, config)[0]
