@@ -183,12 +183,14 @@ def retile(batch: ForwardBatch, tile: int) -> ForwardBatch:
 
 
 def probe_attention() -> None:
-    """Per shape, time per launch pair (split + merge) by (query tile, warps, keys per inner
-    step), and each configuration's largest difference from today's (16, 4, 32). Then whether,
-    within one configuration, a token's row of a 2,048-token prefill has the bits of the same
-    token decoded alone: the guarantee needs this within the configuration used everywhere,
-    not agreement with another configuration. (Offline on sm_90: at 1 warp, 16 rows and 32
-    keys a step take 218 registers; 1 warp spills beyond; 4 warps at 64 keys take 164.)"""
+    """First what a decode graph's splits, sized for the longest context, cost. Then per shape,
+    time per launch pair (split + merge) by (query tile, warps, keys per inner step), and each
+    configuration's largest difference from today's (16, 4, 32). Last whether, within one
+    configuration, a token's row of a 2,048-token prefill has the bits of the same token
+    decoded alone: the guarantee needs this within the configuration used everywhere, not
+    agreement with another configuration. (Offline on sm_90, `kernel_resources.py attention`:
+    1 warp spills at tiles of 8 or 16 tokens; tiles of 2 at 4 warps and 64 keys a step take
+    108 registers.)"""
     generator = torch.Generator(device="cuda").manual_seed(0)
     configs = ((16, 4, 32), (2, 1, 32), (2, 2, 64), (2, 4, 32), (2, 4, 64), (2, 4, 128),
                (4, 4, 64))  # fmt: skip
@@ -201,6 +203,16 @@ def probe_attention() -> None:
         launch = partial(paged_attention_kernel, q, keys, values, tiled, 0.125)
         return launch(), launch
 
+    # A decode graph sizes the splits by the longest context it may meet (16,640 positions
+    # here, as compare_llamacpp.sh's --ctx-size): the programs past a row's last split exit
+    # at once, but they are many. What do they cost at B=128 over 256 positions?
+    q, keys, values, batch, _ = attention_batch(128, 256, 1, generator)
+    graph_sized = dataclasses.replace(batch, max_context=16640)
+    cells = []
+    for config in configs:
+        fitted, graphed = (run(q, keys, values, b, config)[1] for b in (batch, graph_sized))
+        cells.append(f"{config}: {microseconds(fitted):.1f} against {microseconds(graphed):.1f}")
+    print("attention B=128 context=256, splits for 256 against 16,640: " + "; ".join(cells))
     for seqs, context, queries in (*shapes, (1, 2048, 2048), (1, 8192, 2048)):
         q, keys, values, batch, _ = attention_batch(seqs, context, queries, generator)
         results = {}
@@ -213,16 +225,6 @@ def probe_attention() -> None:
             for (t, w, n), (out, us) in results.items()
         ]
         print(f"attention B={seqs} context={context} queries={queries}: " + "; ".join(cells))
-    # A decode graph sizes the splits by the longest context it may meet (16,640 positions
-    # here, as compare_llamacpp.sh's --ctx-size): the programs past a row's last split exit
-    # at once, but they are many. What do they cost at B=128 over 256 positions?
-    q, keys, values, batch, _ = attention_batch(128, 256, 1, generator)
-    graph_sized = dataclasses.replace(batch, max_context=16640)
-    cells = []
-    for config in configs:
-        fitted, graphed = (run(q, keys, values, b, config)[1] for b in (batch, graph_sized))
-        cells.append(f"{config}: {microseconds(fitted):.1f} against {microseconds(graphed):.1f}")
-    print("attention B=128 context=256, splits for 256 against 16,640: " + "; ".join(cells))
     q, keys, values, prefill, chunks = attention_batch(1, 2048, 2048, generator)
     for config in configs:
         whole = run(q, keys, values, prefill, config)[0]
