@@ -192,6 +192,7 @@ def probe_attention() -> None:
     1 warp spills at tiles of 8 or 16 tokens; tiles of 2 at 4 warps and 64 keys a step take
     108 registers.)"""
     generator = torch.Generator(device="cuda").manual_seed(0)
+    kept = paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N
     configs = ((16, 4, 32), (2, 1, 32), (2, 2, 64), (2, 4, 32), (2, 4, 64), (2, 4, 128),
                (4, 4, 64))  # fmt: skip
     shapes = ((1, 200, 1), (1, 2048, 1), (1, 16384, 1), (128, 256, 1), (128, 2048, 1))
@@ -235,7 +236,7 @@ def probe_attention() -> None:
             row = run(q[position : position + 1], keys, values, alone, config)[0]
             same.append(torch.equal(row, whole[position : position + 1]))
         print(f"attention {config}: decode rows at 0/1000/2047 have the prefill's bits: {same}")
-    paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N = 4, 32
+    paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N = kept
 
 
 SHAPES = (  # the Qwen2.5-0.5B Q4_K_M matrices: name, type, rows, cols

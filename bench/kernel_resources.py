@@ -56,8 +56,8 @@ def _type(name: str) -> str:
 def compile_sm90(fn, constants: dict, types: dict[str, str], options: dict) -> str:
     """`fn` compiled for sm_90 with `constants`: registers per thread, spilled bytes, shared
     memory, its tensor-core instructions and its asynchronous copies (loads software-pipelined
-    ahead of their use). Every other argument is typed by `types` (an
-    integer where absent) and, as a launch specializes them, taken as a multiple of 16."""
+    ahead of their use). Every other argument is typed by `types` (an integer where absent)
+    and, as a launch specializes them, taken as a multiple of 16."""
     names = fn.arg_names
     signature = {n: "constexpr" if n in constants else types.get(n, "i32") for n in names}
     aligned = {(names.index(n),): [["tt.divisibility", 16]] for n, t in signature.items()
