@@ -185,21 +185,22 @@ def retile(batch: ForwardBatch, tile: int) -> ForwardBatch:
 def probe_attention() -> None:
     """First what a decode graph's splits, sized for the longest context, cost. Then per shape,
     time per launch pair (split + merge) by (query tile, warps, keys per inner step), and each
-    configuration's largest difference from today's (16, 4, 32). Last whether, within one
+    configuration's largest difference from prefill's (16, 4, 32) (decode steps take (1, 1, 32),
+    which for Qwen's groups of 7 is the 16 rows of (2, 1, 32)). Last whether, within one
     configuration, a token's row of a 2,048-token prefill has the bits of the same token
     decoded alone: the guarantee needs this within the configuration used everywhere, not
     agreement with another configuration. (Offline on sm_90, `kernel_resources.py attention`:
     1 warp spills at tiles of 8 or 16 tokens; tiles of 2 at 4 warps and 64 keys a step take
     108 registers.)"""
     generator = torch.Generator(device="cuda").manual_seed(0)
-    kept = paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N
+    kept = paged_attention.split_warps, paged_attention.BLOCK_N
     configs = ((16, 4, 32), (2, 1, 32), (2, 2, 64), (2, 4, 32), (2, 4, 64), (2, 4, 128),
                (4, 4, 64))  # fmt: skip
     shapes = ((1, 200, 1), (1, 2048, 1), (1, 16384, 1), (128, 256, 1), (128, 2048, 1))
 
     def run(q, keys, values, batch, config):
         tile, warps, block_n = config
-        paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N = warps, block_n
+        paged_attention.split_warps, paged_attention.BLOCK_N = (lambda rows: warps), block_n
         tiled = retile(batch, tile)
         launch = partial(paged_attention_kernel, q, keys, values, tiled, 0.125)
         return launch(), launch
@@ -236,7 +237,7 @@ def probe_attention() -> None:
             row = run(q[position : position + 1], keys, values, alone, config)[0]
             same.append(torch.equal(row, whole[position : position + 1]))
         print(f"attention {config}: decode rows at 0/1000/2047 have the prefill's bits: {same}")
-    paged_attention.SPLIT_WARPS, paged_attention.BLOCK_N = kept
+    paged_attention.split_warps, paged_attention.BLOCK_N = kept
 
 
 SHAPES = (  # the Qwen2.5-0.5B Q4_K_M matrices: name, type, rows, cols

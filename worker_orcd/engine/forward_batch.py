@@ -14,7 +14,8 @@ import torch
 
 from worker_orcd.engine.scheduler import ScheduledChunk
 
-QUERY_TILE = 16  # attention takes a sequence's query tokens this many at a time
+QUERY_TILE = 16  # attention takes a sequence's query tokens this many at a time, but one at a
+# time in a step of decode tokens alone (one token per sequence: smaller tiles compute faster)
 
 
 def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -136,7 +137,7 @@ class ForwardBatch:
     query_starts_device: torch.Tensor
     context_lens_device: torch.Tensor
     max_context: int  # at least every context_len: what the attention kernel sizes its splits by
-    query_tile: int = QUERY_TILE
+    query_tile: int  # query tokens per tile of the work list
 
     @classmethod
     def build(
@@ -175,6 +176,7 @@ class ForwardBatch:
             query_starts_device=d["query_starts"],
             context_lens_device=d["context_lens"],
             max_context=max_context or max(host.context_lens),
+            query_tile=QUERY_TILE if len(host.input_ids) > len(host.context_lens) else 1,
         )
 
     @property

@@ -1,20 +1,22 @@
 """Causal attention over the paged KV cache, for prefill chunks and decode tokens alike.
 
 Flash-decoding in two launches. The first splits each sequence's keys at fixed positions, every
-`KV_SPLIT`: one program takes one tile of up to `QUERY_TILE` consecutive query tokens of one
-sequence, one KV head (the query heads of its group are extra rows: GQA reads each key once) and
-one split, and walks that split's keys through the block table in steps of `BLOCK_N` with an
-online softmax, as flash attention does, on the tensor cores (float16 operands, float32 sums).
-It writes each row's partial result: its running max, its sum of weights and its weighted values.
-The second launch merges a row's splits, many at a time, in an order fixed by its position. So
-a long context spreads over many programs (decode speed holds as the context grows), and a
-short one costs one split.
+`KV_SPLIT`: one program takes one tile of up to `ForwardBatch.query_tile` consecutive query
+tokens of one sequence, one KV head (the query heads of its group are extra rows: GQA reads each
+key once) and one split, and walks that split's keys through the block table in steps of
+`BLOCK_N` with an online softmax, as flash attention does, on the tensor cores (float16
+operands, float32 sums). It writes each row's partial result: its running max, its sum of
+weights and its weighted values. The second launch merges a row's splits, many at a time, in an
+order fixed by its position. So a long context spreads over many programs (decode speed holds as
+the context grows), and a short one costs one split.
 
 Batch-invariant by construction: a row's arithmetic depends on its own query, position and cache
-alone. Every tile has the same shape, splits and key steps start at fixed positions, a key step
-wholly or partly past a row's position adds exact zeros to it, and a row merges the splits up to
-its own position, whatever tile or batch it came in. A token thus gets the same bits in a prefill
-chunk as in a decode step. The torch reference is `layers.attention.paged_attention`.
+alone. Tiles have one shape in a step of decode tokens alone (one token) and one in any other
+step (16 tokens), laid out alike per row (`split_warps`); splits and key steps start at fixed
+positions, a key step wholly or partly past a row's position adds exact zeros to it, and a row
+merges the splits up to its own position, whatever tile or batch it came in. A token thus gets
+the same bits in a prefill chunk as in a decode step. The torch reference is
+`layers.attention.paged_attention`.
 """
 
 from __future__ import annotations
@@ -28,10 +30,19 @@ from worker_orcd.engine.forward_batch import ForwardBatch
 BLOCK_N = 32  # keys per inner step
 KV_SPLIT = 256  # keys per split
 MERGE_CHUNK = 16  # splits a row's merge loads at once
-# Warps of the split kernel. A row's bits depend on the tensor-core instruction and layout its
-# tile gets (on Hopper, wgmma for tiles of 64 rows or more at 4 warps, mma.sync otherwise), so
-# this is fixed, never chosen by batch (bench/kernel_probe.py measures the alternatives).
-SPLIT_WARPS = 4
+MIN_ROWS = 16  # a tile's least rows (query token, head of its group): one tensor-core tile
+
+
+def split_warps(rows: int) -> int:
+    """Warps of the split kernel for tiles of `rows` rows. A row's bits depend on the layout of
+    its scores among threads: its keys are summed within the quad of threads that holds them,
+    in register order. One warp over 16 or 32 rows (mma.sync) and a warpgroup over 64 or more
+    (wgmma on Hopper, 16 rows a warp) lay a row out alike, so a decode token in a one-token
+    tile (16 rows: 1.6-2.3x faster, `bench/kernel_probe.py attention`) gets the bits of its
+    row in a prefill tile of 16 tokens; 4 warps over 16 or 32 rows would split a row's keys
+    across warps and sum them in another order. `test_a_row_is_the_same_alone_and_in_any_tile`
+    checks it, compiled on the GPU."""
+    return 4 if rows >= 64 else 1
 
 
 @triton.jit
@@ -42,6 +53,7 @@ def _split_kernel(
     stride_mt, stride_mh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
     DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_SPLIT: tl.constexpr,
+    ROWS: tl.constexpr,
 ):  # fmt: skip
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -54,7 +66,7 @@ def _split_kernel(
     last = context - 1 - (query_end - tl.minimum(first + TILE, query_end))
     split_start = split * KV_SPLIT
     if split_start <= last:
-        rows = tl.arange(0, GROUP_PAD * TILE)
+        rows = tl.arange(0, ROWS)
         group_index = rows // TILE
         token = first + rows % TILE
         valid = (group_index < GROUP) & (token < query_end)
@@ -68,9 +80,9 @@ def _split_kernel(
             other=0.0,
         ).to(tl.float16)
 
-        best = tl.full((GROUP_PAD * TILE,), float("-inf"), tl.float32)
-        total = tl.zeros((GROUP_PAD * TILE,), tl.float32)
-        acc = tl.zeros((GROUP_PAD * TILE, DIM_PAD), tl.float32)
+        best = tl.full((ROWS,), float("-inf"), tl.float32)
+        total = tl.zeros((ROWS,), tl.float32)
+        acc = tl.zeros((ROWS, DIM_PAD), tl.float32)
         split_end = tl.minimum(split_start + KV_SPLIT, last + 1)
         for start in range(split_start, split_end, BLOCK_N):
             key_positions = start + tl.arange(0, BLOCK_N)
@@ -151,6 +163,7 @@ def paged_attention_kernel(
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     splits = -(-batch.max_context // KV_SPLIT)
+    rows = max(MIN_ROWS, triton.next_power_of_2(group) * batch.query_tile)
     # each row's partial result per split: its weighted values, max score and sum of weights
     acc = torch.empty(tokens, heads, splits, dim, device=q.device, dtype=torch.float32)
     best = torch.empty(tokens, heads, splits, device=q.device, dtype=torch.float32)
@@ -163,7 +176,7 @@ def paged_attention_kernel(
         acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0), best.stride(1),
         GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=batch.query_tile,
         HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), BLOCK_N=BLOCK_N,
-        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT, num_warps=SPLIT_WARPS,
+        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT, ROWS=rows, num_warps=split_warps(rows),
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_kernel[(tokens, heads)](
