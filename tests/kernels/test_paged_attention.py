@@ -1,12 +1,17 @@
 """The paged attention kernel against its torch reference, through Triton's interpreter on the
 CPU: prefill chunks over cached prefixes, decode tokens, contexts over several KV splits, GQA
 groups that are not powers of two, a head size that is not one either; and batch invariance,
-bit for bit. The kernel's float16 operands (flash attention's) keep it within 2e-3 of the
-float32 reference on unit-scale values."""
+bit for bit, also as compiled for Hopper. The kernel's float16 operands (flash attention's) keep
+it within 2e-3 of the float32 reference on unit-scale values."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +77,23 @@ def test_a_row_is_the_same_alone_and_in_any_tile():
         part = ForwardBatch.build([ScheduledChunk(seq, start, count, True)], BLOCK, q.device)
         out = paged_attention_kernel(q[start : start + count], keys, values, part, 0.25)
         assert torch.equal(out, whole[start : start + count])
+
+
+def test_decode_and_prefill_tiles_sum_a_row_in_one_order_on_hopper():
+    # A decode step's one-token tiles and prefill's 16-token ones compile to other tensor-core
+    # instructions (mma.sync at 1 warp, wgmma at 4), so a row's bits agree only if its scores
+    # lie alike among threads, and so are summed in one order. bench/kernel_resources.py
+    # compiles the split kernel for sm_90 (no GPU needed; outside the interpreter, hence a
+    # process of its own) and reads the layouts; that both instructions round alike, the GPU
+    # run of the test above checks.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = Path(__file__).parents[2] / "bench" / "kernel_resources.py"
+    run = subprocess.run(
+        [sys.executable, str(script), "layouts"], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    for group, steps in json.loads(run.stdout).items():
+        assert steps["decode"] == steps["prefill"], f"GQA groups of {group}"
 
 
 def batch_seq(batch: ForwardBatch, spans) -> Sequence:

@@ -34,14 +34,14 @@ MIN_ROWS = 16  # a tile's least rows (query token, head of its group): one tenso
 
 
 def split_warps(rows: int) -> int:
-    """Warps of the split kernel for tiles of `rows` rows. A row's bits depend on the layout of
-    its scores among threads: its keys are summed within the quad of threads that holds them,
-    in register order. One warp over 16 or 32 rows (mma.sync) and a warpgroup over 64 or more
-    (wgmma on Hopper, 16 rows a warp) lay a row out alike, so a decode token in a one-token
-    tile (16 rows: 1.6-2.3x faster, `bench/kernel_probe.py attention`) gets the bits of its
-    row in a prefill tile of 16 tokens; 4 warps over 16 or 32 rows would split a row's keys
-    across warps and sum them in another order. `test_a_row_is_the_same_alone_and_in_any_tile`
-    checks it, compiled on the GPU."""
+    """Warps of the split kernel for tiles of `rows` rows. A row's bits depend on how its scores
+    lie among threads: its sum of weights adds its keys within a thread in register order, then
+    across lanes. One warp over 16 or 32 rows (mma.sync) and a warpgroup over 64 or more (wgmma
+    on Hopper, 16 rows a warp) lay a row's keys out alike, so a decode token in a one-token tile
+    (16 rows: 1.6-2.3x faster, `bench/kernel_probe.py attention`) is summed as in a prefill
+    tile of 16 tokens; 4 warps over 16 or 32 rows would spread its keys across warps.
+    `test_decode_and_prefill_tiles_sum_a_row_in_one_order_on_hopper` compares the two layouts
+    as compiled for sm_90, `test_a_row_is_the_same_alone_and_in_any_tile` the bits on a GPU."""
     return 4 if rows >= 64 else 1
 
 
