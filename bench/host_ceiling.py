@@ -2,8 +2,8 @@
 
     python3 bench/host_ceiling.py [--streams 128] [--http --duration 30]
 
-The model's weights load but never run: each step's logits are random over 1,000 ids and the
-draw is their argmax (on a GPU both are device work). So what is left is the host's: the
+The model's weights load but never run: each step's draw is random ids below 1,000 (on a GPU
+the logits and the draw are device work). So what is left is the host's: the
 scheduler, the batch's lists and copies, reading and detokenizing tokens, and with `Engine` its
 thread, events and asyncio consumers; with --http also `worker-orcd serve` (uvicorn, SSE) under
 bench/loadgen.py at the same concurrency, in another process. A GPU step shorter than the host's
@@ -38,19 +38,19 @@ STUB_VOCAB = 1000
 
 
 def stub_forward(streams: int) -> None:
-    """Replace the forward pass and the draw (the batch is still built and packed), and give
-    the pool every stream's whole context: on the CPU it holds one context, and here it is
-    bookkeeping, never read."""
+    """Replace the forward pass and the draw (the batch is still built and packed, the sampling
+    parameters still gathered), and give the pool every stream's whole context: on the CPU it
+    holds one context, and here it is bookkeeping, never read."""
     llm_module.kv_pool_blocks = lambda model, config: streams * config.blocks_for(1024)
 
     def logits(runner: model_runner.ModelRunner, chunks):
         host = HostBatch.of(chunks, runner.block_size)
         host.packed(host.table_width)
         drawing = [chunk.seq for chunk in chunks if chunk.samples]
-        return drawing, torch.randn(len(drawing), STUB_VOCAB)
+        return drawing, torch.empty(len(drawing), 0)
 
     model_runner.ModelRunner.logits = logits
-    model_runner.sample = lambda logits, batch: logits.argmax(-1)
+    model_runner.sample = lambda logits, batch: torch.randint(0, STUB_VOCAB, logits.shape[:1])
 
 
 def step_loop(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> float:
