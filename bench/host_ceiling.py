@@ -2,14 +2,14 @@
 
     python3 bench/host_ceiling.py [--streams 128] [--http --duration 30]
 
-The model's weights load but never run: each step's draw is random ids below 1,000 (on a GPU
-the logits and the draw are device work). So what is left is the host's: the
-scheduler, the batch's lists and copies, reading and detokenizing tokens, and with `Engine` its
-thread, events and asyncio consumers; with --http also `worker-orcd serve` (uvicorn, SSE) under
-bench/loadgen.py at the same concurrency, in another process. A GPU step shorter than the host's
-step leaves the GPU waiting; an HTTP rate far below `Engine`'s means the server's event loop and
-the engine thread contend for the GIL. Runs on the CPU, anywhere; a one-layer synthetic
-Qwen2.5-0.5B (its real vocabulary size) unless --model is given.
+The model's weights load but never run: each step's draw is random ids below 1,000 (on a GPU the
+logits and the draw are device work). So what is left is the host's: the scheduler, the batch's
+lists and copies, reading and detokenizing tokens, and with `Engine` its thread, events and
+asyncio consumers; with --http also `worker-orcd serve` (uvicorn, SSE) under bench/loadgen.py at
+the same concurrency, in another process. A GPU step shorter than the host's step leaves the GPU
+waiting; an HTTP rate far below `Engine`'s means the server's event loop and the engine thread
+contend for the GIL. Runs on the CPU, anywhere; a one-layer synthetic Qwen2.5-0.5B (its real
+vocabulary size) unless --model is given.
 """
 
 from __future__ import annotations
@@ -35,13 +35,14 @@ from worker_orcd.sampling_params import SamplingParams
 
 GENERATED = 128
 STUB_VOCAB = 1000
+CONTEXT = 1024  # positions per sequence: a 100-token prompt and its generated tokens fit
 
 
 def stub_forward(streams: int) -> None:
     """Replace the forward pass and the draw (the batch is still built and packed, the sampling
     parameters still gathered), and give the pool every stream's whole context: on the CPU it
     holds one context, and here it is bookkeeping, never read."""
-    llm_module.kv_pool_blocks = lambda model, config: streams * config.blocks_for(1024)
+    llm_module.kv_pool_blocks = lambda model, config: streams * config.blocks_for(CONTEXT)
 
     def logits(runner: model_runner.ModelRunner, chunks):
         host = HostBatch.of(chunks, runner.block_size)
@@ -127,12 +128,12 @@ def main() -> None:
         from worker_orcd.cli import main as cli
 
         sys.exit(cli(["serve", "--model", str(args.model), "--device", "cpu",
-                      "--port", str(args.port), "--ctx-size", "1024"]))  # fmt: skip
+                      "--port", str(args.port), "--ctx-size", str(CONTEXT)]))  # fmt: skip
     model = args.model
     if model is None:
         model = Path(tempfile.mkdtemp()) / "qwen-1-layer.gguf"
         synthesize("qwen2.5-0.5b", model, layers=1)
-    llm = LLM.load(model, "cpu", max_context=1024)
+    llm = LLM.load(model, "cpu", max_context=CONTEXT)
     params = SamplingParams(temperature=0.0, max_tokens=GENERATED, ignore_eos=True)
     prompts = [list(range(10 + i, 110 + i)) for i in range(args.streams)]
     step_loop(llm, prompts, params)  # warm-up

@@ -35,9 +35,9 @@ from worker_orcd.kernels.integer_dot import units_per_row
 from worker_orcd.kernels.paged_attention import (
     BLOCK_N,
     KV_SPLIT,
-    MIN_ROWS,
     _split_kernel,
     split_warps,
+    tile_rows,
 )
 from worker_orcd.kernels.quant_mmq import MmqConfig, _mmq_kernel, mmq_config
 
@@ -122,11 +122,10 @@ def mmq_resources(role: str, config: MmqConfig) -> str:
 def split_kernel_sm90(tile: int, group: int, warps: int | None = None, block_n: int = BLOCK_N):
     """The attention split kernel for tiles of `tile` query tokens and GQA groups of `group`
     heads of 64 dimensions, at the launch's rows and, unless given, its warps."""
-    pad = triton.next_power_of_2(group)
-    rows = max(MIN_ROWS, pad * tile)
+    rows = tile_rows(group, tile)
     constants = dict(
-        GROUP=group, GROUP_PAD=pad, TILE=tile, HEAD_DIM=64, DIM_PAD=64, BLOCK_N=block_n,
-        BLOCK_SIZE=16, KV_SPLIT=KV_SPLIT, ROWS=rows,
+        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=tile, HEAD_DIM=64,
+        DIM_PAD=64, BLOCK_N=block_n, BLOCK_SIZE=16, KV_SPLIT=KV_SPLIT, ROWS=rows,
     )  # fmt: skip
     types = {n: "*i32" for n in _split_kernel.arg_names if n.endswith("_ptr")}
     types |= {"q_ptr": "*fp32", "acc_ptr": "*fp32", "best_ptr": "*fp32", "total_ptr": "*fp32"}

@@ -33,6 +33,11 @@ MERGE_CHUNK = 16  # splits a row's merge loads at once
 MIN_ROWS = 16  # a tile's least rows (query token, head of its group): one tensor-core tile
 
 
+def tile_rows(group: int, query_tile: int) -> int:
+    """Rows of a tile of `query_tile` tokens for GQA groups of `group` heads (padded)."""
+    return max(MIN_ROWS, triton.next_power_of_2(group) * query_tile)
+
+
 def split_warps(rows: int) -> int:
     """Warps of the split kernel for tiles of `rows` rows. A row's bits depend on how its scores
     lie among threads: its sum of weights adds its keys within a thread in register order, then
@@ -163,7 +168,7 @@ def paged_attention_kernel(
     kv_heads = keys.shape[1]
     group = heads // kv_heads
     splits = -(-batch.max_context // KV_SPLIT)
-    rows = max(MIN_ROWS, triton.next_power_of_2(group) * batch.query_tile)
+    rows = tile_rows(group, batch.query_tile)
     # each row's partial result per split: its weighted values, max score and sum of weights
     acc = torch.empty(tokens, heads, splits, dim, device=q.device, dtype=torch.float32)
     best = torch.empty(tokens, heads, splits, device=q.device, dtype=torch.float32)
