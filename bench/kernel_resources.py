@@ -124,11 +124,11 @@ def split_kernel_sm90(tile: int, group: int, warps: int | None = None, block_n: 
     heads of 64 dimensions, at the launch's rows and, unless given, its warps."""
     rows = tile_rows(group, tile)
     constants = dict(
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=tile, HEAD_DIM=64,
+        GROUP=group, TILE=tile, HEAD_DIM=64,
         DIM_PAD=64, BLOCK_N=block_n, BLOCK_SIZE=16, KV_SPLIT=KV_SPLIT, ROWS=rows,
     )  # fmt: skip
     types = {n: "*i32" for n in _split_kernel.arg_names if n.endswith("_ptr")}
-    types |= {"q_ptr": "*fp32", "acc_ptr": "*fp32", "best_ptr": "*fp32", "total_ptr": "*fp32"}
+    types |= {n: "*fp32" for n in ("q_ptr", "out_ptr", "acc_ptr", "best_ptr", "total_ptr")}
     types |= {"keys_ptr": "*fp16", "values_ptr": "*fp16", "scale": "fp32"}
     options = dict(num_warps=warps or split_warps(rows))
     return compile_sm90(_split_kernel, constants, types, options)

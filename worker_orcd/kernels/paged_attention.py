@@ -21,6 +21,8 @@ the same bits in a prefill chunk as in a decode step. The torch reference is
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -29,7 +31,8 @@ from worker_orcd.engine.forward_batch import ForwardBatch
 
 BLOCK_N = 32  # keys per inner step
 KV_SPLIT = 256  # keys per split
-MERGE_CHUNK = 16  # splits a row's merge loads at once
+MAX_TILE_HEADS = 1 << 16  # (query tile, KV head) pairs of one launch: its arrival counters
+MERGE_ROWS = tl.constexpr(16)  # rows a tile's merge takes at once: fewer registers than all of them
 MIN_ROWS = 16  # a tile's least rows (query token, head of its group): one tensor-core tile
 
 
@@ -51,15 +54,27 @@ def split_warps(rows: int) -> int:
 
 
 @triton.jit
+def _rows(rows, first, query_end, context, kv_head, GROUP: tl.constexpr, TILE: tl.constexpr):
+    """Rows `rows` of a tile: each row's token, head, whether it is one, and its position."""
+    group_index = rows // TILE
+    token = first + rows % TILE
+    valid = (group_index < GROUP) & (token < query_end)
+    position = context - (query_end - token)
+    return token, kv_head * GROUP + group_index, valid, position
+
+
+@triton.jit
 def _split_kernel(
-    q_ptr, keys_ptr, values_ptr, acc_ptr, best_ptr, total_ptr, tables_ptr, tile_seqs_ptr,
-    tile_starts_ptr, query_starts_ptr, context_lens_ptr, scale,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_at, stride_ah, stride_as,
-    stride_mt, stride_mh,
-    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr,
-    DIM_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_SPLIT: tl.constexpr,
-    ROWS: tl.constexpr,
+    q_ptr, keys_ptr, values_ptr, out_ptr, acc_ptr, best_ptr, total_ptr, arrived_ptr, tables_ptr,
+    tile_seqs_ptr, tile_starts_ptr, query_starts_ptr, context_lens_ptr, scale,
+    stride_qt, stride_qh, stride_ks, stride_kh, stride_table, stride_ot, stride_oh, stride_at,
+    stride_ah, stride_as, stride_mt, stride_mh,
+    GROUP: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, KV_SPLIT: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
+    """One split of one tile's keys for one KV head. A tile whose keys fit one split writes its
+    rows' results; otherwise each split writes its partial results, and the last of the tile's
+    splits to finish merges them (`_merge`)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -72,11 +87,7 @@ def _split_kernel(
     split_start = split * KV_SPLIT
     if split_start <= last:
         rows = tl.arange(0, ROWS)
-        group_index = rows // TILE
-        token = first + rows % TILE
-        valid = (group_index < GROUP) & (token < query_end)
-        position = context - (query_end - token)  # each row's own position
-        head = kv_head * GROUP + group_index
+        token, head, valid, position = _rows(rows, first, query_end, context, kv_head, GROUP, TILE)
         dims = tl.arange(0, DIM_PAD)
         dim_ok = dims < HEAD_DIM
         q = tl.load(
@@ -112,51 +123,79 @@ def _split_kernel(
             values = tl.load(values_ptr + kv_offsets, mask=kv_mask, other=0.0).to(tl.float16)
             acc = acc * correction[:, None] + tl.dot(weights.to(tl.float16), values)
             best = new_best
-        part = token * stride_at + head * stride_ah + split * stride_as
-        tl.store(
-            acc_ptr + part[:, None] + dims[None, :], acc, mask=valid[:, None] & dim_ok[None, :]
+
+        # A tile whose keys fit one split writes its rows' results, else each split its
+        # partial ones (x / 1 is x, exactly; padding rows divide by 1 too)
+        splits = last // KV_SPLIT + 1  # the tile's programs that hold keys
+        rows_at = tl.where(
+            splits == 1,
+            out_ptr + token * stride_ot + head * stride_oh,
+            acc_ptr + token * stride_at + head * stride_ah + split * stride_as,
         )
-        stat = token * stride_mt + head * stride_mh + split
-        tl.store(best_ptr + stat, best, mask=valid)
-        tl.store(total_ptr + stat, total, mask=valid)
+        divisor = tl.where((splits == 1) & valid, total, 1.0)
+        mask = valid[:, None] & dim_ok[None, :]
+        tl.store(rows_at[:, None] + dims[None, :], acc / divisor[:, None], mask)
+        if splits > 1:
+            stats = token * stride_mt + head * stride_mh + split
+            tl.store(best_ptr + stats, best, mask=valid)
+            tl.store(total_ptr + stats, total, mask=valid)
+            tl.debug_barrier()  # every thread's partials written before the tile counts them
+            counter = arrived_ptr + tile * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel") == splits - 1:
+                tl.atomic_xchg(counter, 0)  # zero again for the next launch
+                _merge(
+                    out_ptr, acc_ptr, best_ptr, total_ptr, first, query_end, context, kv_head,
+                    splits, stride_ot, stride_oh, stride_at, stride_ah, stride_as, stride_mt,
+                    stride_mh, GROUP, TILE, HEAD_DIM, DIM_PAD, KV_SPLIT, ROWS,
+                )  # fmt: skip
 
 
 @triton.jit
-def _merge_kernel(
-    acc_ptr, best_ptr, total_ptr, out_ptr, token_seqs_ptr, query_starts_ptr, context_lens_ptr,
-    stride_at, stride_ah, stride_as, stride_mt, stride_mh, stride_ot, stride_oh,
-    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr, KV_SPLIT: tl.constexpr,
-    MERGE_CHUNK: tl.constexpr,
+def _merge(
+    out_ptr, acc_ptr, best_ptr, total_ptr, first, query_end, context, kv_head, splits,
+    stride_ot, stride_oh, stride_at, stride_ah, stride_as, stride_mt, stride_mh,
+    GROUP: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+    KV_SPLIT: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """One row (token, head): its splits up to its position, MERGE_CHUNK at a time (their
-    loads in parallel, not one split after another): first the largest of their maxima, then
-    each split's sums weighted by exp(its max - that), added lane by lane in chunk order and
-    across lanes at the end. The order depends on the row's position alone."""
-    token = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.load(token_seqs_ptr + token)
-    position = tl.load(context_lens_ptr + seq) - (tl.load(query_starts_ptr + seq + 1) - token)
-    splits = position // KV_SPLIT + 1
-    lanes = tl.arange(0, MERGE_CHUNK)
+    """A tile's rows, MERGE_ROWS at a time, each row's splits up to its own position one split
+    after another: first the largest of their maxima, then each split's sums weighted by
+    exp(its max - that). A split past a row adds exact zeros, so the order depends on the row's
+    position alone, and a row of one split gets the bits `acc / total` of a tile of one split.
+    Loads bypass L1: other programs wrote the partials during this launch."""
     dims = tl.arange(0, DIM_PAD)
-    stats = token * stride_mt + head * stride_mh
-    top = tl.full((MERGE_CHUNK,), float("-inf"), tl.float32)
-    for first in range(0, splits, MERGE_CHUNK):
-        split = first + lanes
-        top = tl.maximum(top, tl.load(best_ptr + stats + split, split < splits, float("-inf")))
-    best = tl.max(top, axis=0)  # finite: split 0 holds key 0, which every row sees
-    total = tl.zeros((MERGE_CHUNK,), tl.float32)
-    acc = tl.zeros((MERGE_CHUNK, DIM_PAD), tl.float32)
-    parts = acc_ptr + token * stride_at + head * stride_ah + dims[None, :]
-    for first in range(0, splits, MERGE_CHUNK):
-        split = first + lanes
-        present = split < splits
-        weight = tl.exp(tl.load(best_ptr + stats + split, present, float("-inf")) - best)
-        total += tl.load(total_ptr + stats + split, present, 0.0) * weight
-        mask = present[:, None] & (dims < HEAD_DIM)[None, :]
-        acc += tl.load(parts + split[:, None] * stride_as, mask, 0.0) * weight[:, None]
-    out = tl.sum(acc, axis=0) / tl.sum(total, axis=0)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out, mask=dims < HEAD_DIM)
+    for chunk in tl.static_range(0, ROWS, MERGE_ROWS):
+        rows = chunk + tl.arange(0, MERGE_ROWS)
+        token, head, valid, position = _rows(rows, first, query_end, context, kv_head, GROUP, TILE)
+        row_splits = position // KV_SPLIT + 1
+        stats = token * stride_mt + head * stride_mh
+        row_best = tl.full((MERGE_ROWS,), float("-inf"), tl.float32)
+        for split in range(0, splits):
+            present = valid & (split < row_splits)
+            best = tl.load(best_ptr + stats + split, present, float("-inf"), cache_modifier=".cg")
+            row_best = tl.maximum(row_best, best)
+        row_best = tl.where(valid, row_best, 0.0)  # a padding row's: finite, for exp's sake
+        mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
+        parts = token * stride_at + head * stride_ah
+        total = tl.zeros((MERGE_ROWS,), tl.float32)
+        acc = tl.zeros((MERGE_ROWS, DIM_PAD), tl.float32)
+        for split in range(0, splits):
+            present = valid & (split < row_splits)
+            best = tl.load(best_ptr + stats + split, present, float("-inf"), cache_modifier=".cg")
+            weight = tl.exp(best - row_best)  # a split past the row's: 0
+            total += tl.load(total_ptr + stats + split, present, 0.0, cache_modifier=".cg") * weight
+            at = acc_ptr + (parts + split * stride_as)[:, None] + dims[None, :]
+            part = tl.load(at, mask & present[:, None], 0.0, cache_modifier=".cg")
+            acc += part * weight[:, None]
+        outs = token * stride_ot + head * stride_oh
+        total = tl.where(valid, total, 1.0)  # a padding row's, never stored
+        tl.store(out_ptr + outs[:, None] + dims[None, :], acc / total[:, None], mask)
+
+
+@functools.cache
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    """Zeros that a launch's tiles count their finished splits in and leave as zeros: one
+    buffer per device, allocated before any CUDA graph captures a launch that uses it."""
+    return torch.zeros(MAX_TILE_HEADS, dtype=torch.int32, device=device)
 
 
 def paged_attention_kernel(
@@ -169,26 +208,23 @@ def paged_attention_kernel(
     group = heads // kv_heads
     splits = -(-batch.max_context // KV_SPLIT)
     rows = tile_rows(group, batch.query_tile)
-    # each row's partial result per split: its weighted values, max score and sum of weights
+    tiles = batch.tile_seqs.numel()
+    if tiles * kv_heads > MAX_TILE_HEADS:
+        raise ValueError(f"{tiles} query tiles of {kv_heads} KV heads: at most {MAX_TILE_HEADS}")
+    out = torch.empty_like(q)
+    # each row's partial result per split, where its tile has several: its weighted values,
+    # max score and sum of weights
     acc = torch.empty(tokens, heads, splits, dim, device=q.device, dtype=torch.float32)
     best = torch.empty(tokens, heads, splits, device=q.device, dtype=torch.float32)
     total = torch.empty_like(best)
-    grid = (batch.tile_seqs.numel(), kv_heads, splits)
-    _split_kernel[grid](
-        q, keys, values, acc, best, total, batch.block_tables, batch.tile_seqs, batch.tile_starts,
-        batch.query_starts_device, batch.context_lens_device, scale,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), batch.block_tables.stride(0),
-        acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0), best.stride(1),
-        GROUP=group, GROUP_PAD=triton.next_power_of_2(group), TILE=batch.query_tile,
-        HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), BLOCK_N=BLOCK_N,
-        BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT, ROWS=rows, num_warps=split_warps(rows),
-    )  # fmt: skip
-    out = torch.empty_like(q)
-    _merge_kernel[(tokens, heads)](
-        acc, best, total, out, batch.token_seqs, batch.query_starts_device,
-        batch.context_lens_device, acc.stride(0), acc.stride(1), acc.stride(2), best.stride(0),
-        best.stride(1), out.stride(0), out.stride(1),
-        HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim), KV_SPLIT=KV_SPLIT,
-        MERGE_CHUNK=MERGE_CHUNK, num_warps=2,
+    _split_kernel[(tiles, kv_heads, splits)](
+        q, keys, values, out, acc, best, total, _arrival_counters(q.device), batch.block_tables,
+        batch.tile_seqs, batch.tile_starts, batch.query_starts_device, batch.context_lens_device,
+        scale, q.stride(0), q.stride(1), keys.stride(0), keys.stride(1),
+        batch.block_tables.stride(0), out.stride(0), out.stride(1), acc.stride(0), acc.stride(1),
+        acc.stride(2), best.stride(0), best.stride(1),
+        GROUP=group, TILE=batch.query_tile, HEAD_DIM=dim, DIM_PAD=triton.next_power_of_2(dim),
+        BLOCK_N=BLOCK_N, BLOCK_SIZE=batch.block_size, KV_SPLIT=KV_SPLIT, ROWS=rows,
+        num_warps=split_warps(rows),
     )  # fmt: skip
     return out
