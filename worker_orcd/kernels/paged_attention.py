@@ -1,14 +1,16 @@
 """Causal attention over the paged KV cache, for prefill chunks and decode tokens alike.
 
-Flash-decoding in two launches. The first splits each sequence's keys at fixed positions, every
+Flash-decoding in one launch. Each sequence's keys split at fixed positions, every
 `KV_SPLIT`: one program takes one tile of up to `ForwardBatch.query_tile` consecutive query
 tokens of one sequence, one KV head (the query heads of its group are extra rows: GQA reads each
 key once) and one split, and walks that split's keys through the block table in steps of
 `BLOCK_N` with an online softmax, as flash attention does, on the tensor cores (float16
-operands, float32 sums). It writes each row's partial result: its running max, its sum of
-weights and its weighted values. The second launch merges a row's splits, many at a time, in an
-order fixed by its position. So a long context spreads over many programs (decode speed holds as
-the context grows), and a short one costs one split.
+operands, float32 sums). A tile whose keys fit one split writes its result; otherwise each
+program writes its rows' partial results (running max, sum of weights, weighted values), and
+the last of the tile's programs to finish, counted by an atomic, merges each row's splits in an
+order fixed by its position (mmq's split-K does the same). So a long context spreads over many
+programs (decode speed holds as the context grows), a short one costs one split, and neither
+a second launch.
 
 Batch-invariant by construction: a row's arithmetic depends on its own query, position and cache
 alone. Tiles have one shape in a step of decode tokens alone (one token) and one in any other
