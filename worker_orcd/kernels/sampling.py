@@ -40,10 +40,12 @@ def _stream_key(seed, index):
 
 @triton.jit
 def _gumbel_argmax_kernel(
-    logits_ptr, stride, seeds_ptr, indices_ptr, out_ptr, V, BLOCK: tl.constexpr
+    logits_ptr, stride, seeds_ptr, seed_stride, indices_ptr, index_stride, out_ptr, V,
+    BLOCK: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    key = _stream_key(tl.load(seeds_ptr + row), tl.load(indices_ptr + row))
+    seed = tl.load(seeds_ptr + row * seed_stride)
+    key = _stream_key(seed, tl.load(indices_ptr + row * index_stride))
     best = tl.full((), -float("inf"), tl.float32)
     best_id = tl.full((), 0, tl.int32)
     for start in range(0, V, BLOCK):
@@ -69,6 +71,7 @@ def gumbel_argmax(logits: torch.Tensor, seeds: torch.Tensor, indices: torch.Tens
     out = torch.empty(rows, dtype=torch.long, device=logits.device)
     if rows:
         _gumbel_argmax_kernel[(rows,)](
-            logits, logits.stride(0), seeds, indices, out, vocab, BLOCK=BLOCK
-        )
+            logits, logits.stride(0), seeds, seeds.stride(0), indices, indices.stride(0), out,
+            vocab, BLOCK=BLOCK,
+        )  # fmt: skip
     return out
