@@ -183,7 +183,7 @@ def sweep_mmq(rng: np.random.Generator, names: list[str], rows: list[int]) -> No
                     for split in (1, 2, 4, 8):
                         if split > units // 4:
                             continue
-                        for warps in (4, 8) if bm * bn >= 4096 else (2, 4):
+                        for warps in (4, 8) if bm * bn >= 2048 else (2, 4):
                             configs.add(MmqConfig(bm, bn, split, warps))
             results = []
             for config in configs:

@@ -326,16 +326,22 @@ def mmq_config(
     m: int, sizes: list[int], units: int, outputs: int, device: torch.device
 ) -> MmqConfig:
     """Tiles by shape (`sizes`: the columns of each matrix the launch covers); K split across
-    programs until about two per SM, where the buffer allows. Results do not depend on it (see
-    `to_fixed`), only the speed does."""
+    programs, up to about two per SM, where the tiles alone leave most SMs idle and the buffer
+    allows. Results do not depend on either (see `to_fixed`), only the speed does.
+    `bench/tile_sweep.py --skip-gemv` at 128 rows on an H100 (2026-12-07): q/k/v's 72 tiles
+    took 28.9 us split in 3 and 20.5 whole, the down projection's 56 tiles 55.0 split in 4
+    and 125 whole; SwiGLU's two matrices 66.8 us at 8 warps and 83.5 at 4 (721 and 731 at
+    2,048 rows), where every other launch was as fast or faster at 4."""
     block_m = min(max(16, triton.next_power_of_2(m)), 64)
     block_n = 32  # bench/tile_sweep.py: ahead of 64 and 128 at 8 to 2048 rows (H200)
     tiles = triton.cdiv(m, block_m) * sum(triton.cdiv(n, block_n) for n in sizes)
     split = 1
     if device.type == "cuda" and outputs * m * sum(sizes) <= SPLIT_SUMS and tiles <= SPLIT_TILES:
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count
-        split = max(1, min(programs // tiles, units // 4))
-    return MmqConfig(block_m, block_n, split)
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+        if 2 * tiles < sms:
+            split = max(1, min(2 * sms // tiles, units // 4))
+    warps = 8 if outputs == 2 and block_m == 64 else 4
+    return MmqConfig(block_m, block_n, split, warps)
 
 
 def mmq(
