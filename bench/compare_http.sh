@@ -44,7 +44,7 @@ kill -INT $OURS && wait $OURS || true
 
 wait $BUILD
 /tmp/llama-build/out/bin/llama-server -m "$MODEL" -ngl 99 -fa on -np "$CONC" \
-  -c $((CONC * 2048)) --port 8101 >"$OUT/llama_server.log" 2>&1 &
+  -c $((CONC * 4096)) --port 8101 >"$OUT/llama_server.log" 2>&1 &
 LLAMA=$!
 wait_ready http://127.0.0.1:8101 $LLAMA
 load llama_server http://127.0.0.1:8101

@@ -1,6 +1,6 @@
 """What the host alone sustains: tokens/s with the forward pass stubbed out.
 
-    python3 bench/host_ceiling.py [--streams 128] [--http --duration 30]
+    python3 bench/host_ceiling.py [--streams 128] [--http --duration 30] [--gpu-ms 6]
 
 The model's weights load but never run: each step's draw is random ids below 1,000 (on a GPU the
 logits and the draw are device work). So what is left is the host's: the scheduler, the batch's
@@ -8,8 +8,9 @@ lists and copies, reading and detokenizing tokens, and with `Engine` its thread,
 asyncio consumers; with --http also `worker-orcd serve` (uvicorn, SSE) under bench/loadgen.py at
 the same concurrency, in another process. A GPU step shorter than the host's step leaves the GPU
 waiting; an HTTP rate far below `Engine`'s means the server's event loop and the engine thread
-contend for the GIL. Runs on the CPU, anywhere; a one-layer synthetic Qwen2.5-0.5B (its real
-vocabulary size) unless --model is given.
+contend for the GIL; --gpu-ms gives each step a device's duration, during which the engine
+thread waits with the GIL released, as it does on a GPU. Runs on the CPU, anywhere; a
+one-layer synthetic Qwen2.5-0.5B (its real vocabulary size) unless --model is given.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from worker_orcd.engine import model_runner
 from worker_orcd.engine.engine import Engine
 from worker_orcd.engine.forward_batch import HostBatch
 from worker_orcd.engine.llm import LLM
+from worker_orcd.engine.model_runner import StepTokens
 from worker_orcd.gguf.synth import synthesize
 from worker_orcd.sampling_params import SamplingParams
 
@@ -38,10 +40,12 @@ STUB_VOCAB = 1000
 CONTEXT = 1024  # positions per sequence: a 100-token prompt and its generated tokens fit
 
 
-def stub_forward(streams: int) -> None:
+def stub_forward(streams: int, gpu_ms: float = 0.0) -> None:
     """Replace the forward pass and the draw (the batch is still built and packed, the sampling
     parameters still gathered), and give the pool every stream's whole context: on the CPU it
-    holds one context, and here it is bookkeeping, never read."""
+    holds one context, and here it is bookkeeping, never read. With `gpu_ms`, each step's
+    tokens are ready that long after the previous step's (a device running steps back to back)
+    and reading them waits with the GIL released, as `torch.cuda.Event.synchronize` does."""
     llm_module.kv_pool_blocks = lambda model, config: streams * config.blocks_for(CONTEXT)
 
     def logits(runner: model_runner.ModelRunner, chunks):
@@ -52,6 +56,19 @@ def stub_forward(streams: int) -> None:
 
     model_runner.ModelRunner.logits = logits
     model_runner.sample = lambda logits, batch: torch.randint(0, STUB_VOCAB, logits.shape[:1])
+    if gpu_ms:
+        ready_at = [0.0]  # when the device finishes the last queued step
+        unstubbed_init, unstubbed_tolist = StepTokens.__init__, StepTokens.tolist
+
+        def queued(self: StepTokens, tokens: torch.Tensor) -> None:
+            unstubbed_init(self, tokens)
+            ready_at[0] = self.ready_at = max(ready_at[0], time.perf_counter()) + gpu_ms / 1e3
+
+        def read(self: StepTokens) -> list[int]:
+            time.sleep(max(0.0, self.ready_at - time.perf_counter()))
+            return unstubbed_tolist(self)
+
+        StepTokens.__init__, StepTokens.tolist = queued, read
 
 
 def step_loop(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> float:
@@ -86,10 +103,10 @@ def async_front(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> f
     return asyncio.run(run())
 
 
-def over_http(model: Path, streams: int, duration: float, port: int) -> str:
+def over_http(model: Path, streams: int, duration: float, port: int, gpu_ms: float) -> str:
     """bench/loadgen.py's report against a stubbed `worker-orcd serve`."""
     command = [sys.executable, __file__, "--serve", "--model", str(model)]
-    command += ["--port", str(port), "--streams", str(streams)]
+    command += ["--port", str(port), "--streams", str(streams), "--gpu-ms", str(gpu_ms)]
     server = subprocess.Popen(
         command,
         stdout=subprocess.DEVNULL,
@@ -121,9 +138,10 @@ def main() -> None:
     parser.add_argument("--http", action="store_true", help="also over HTTP, with loadgen")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of HTTP load")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--gpu-ms", type=float, default=0.0, help="a device step's duration")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    stub_forward(args.streams)
+    stub_forward(args.streams, args.gpu_ms)
     if args.serve:  # the server process of --http
         from worker_orcd.cli import main as cli
 
@@ -142,7 +160,7 @@ def main() -> None:
           f"({1e3 * args.streams / rate:.2f} ms of host work per step)")  # fmt: skip
     print(f"async front (Engine): {async_front(llm, prompts, params):,.0f} tok/s")
     if args.http:
-        print("over HTTP: " + over_http(model, args.streams, args.duration, args.port))
+        print("over HTTP: " + over_http(model, args.streams, args.duration, args.port, args.gpu_ms))
 
 
 if __name__ == "__main__":
