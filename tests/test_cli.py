@@ -141,6 +141,7 @@ def test_bench_runs_on_the_cpu(smollm2_path: Path):
     assert depth["depth"] == 40 and depth["decode_tokens_per_second"] > 0
     (batch,) = report["batches"]
     assert batch["batch_size"] == 3 and batch["decode_tokens_per_second"] > 0
+    assert batch["prompt_tokens"] == 128  # llama-batched-bench's -npp, whatever pp's length
     assert report["weights_bytes"] == sum(
         info.nbytes for info in GGUFFile(smollm2_path).tensors.values()
     )

@@ -37,7 +37,9 @@ class BenchReport:
     weights_bytes: int  # see LLM.weights_bytes
     peak_memory_bytes: int
     depths: tuple[dict, ...] = ()  # {depth, prefill_tokens_per_second, decode_tokens_per_second}
-    batches: tuple[dict, ...] = ()  # {batch_size, prefill_..., decode_..., total_...}
+    batches: tuple[
+        dict, ...
+    ] = ()  # {batch_size, prompt_tokens, prefill_..., decode_..., total_...}
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -64,6 +66,9 @@ class BenchReport:
         lines = [f"{self.model} on {self.device}"]
         lines += [f"  {name.ljust(width)}  {value:>12}" for name, value in rows]
         return "\n".join(lines)
+
+
+BATCH_PROMPT = 128  # prompt tokens per stream of a batch: llama-batched-bench's -npp 128
 
 
 def run_bench(
@@ -121,8 +126,8 @@ def run_bench(
         say(f"depth {depth}: prefill, then tg{gen_tokens} after it")
         depth_rows.append(at_depth(depth))
     for size in batch_sizes:
-        say(f"B={size}: {size} streams of {prompt_tokens} prompt + {gen_tokens} tokens")
-        batch_rows.append(batched(llm, size, prompt_tokens, gen_tokens, random_prompt))
+        say(f"B={size}: {size} streams of {BATCH_PROMPT} prompt + {gen_tokens} tokens")
+        batch_rows.append(batched(llm, size, BATCH_PROMPT, gen_tokens, random_prompt))
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
@@ -165,6 +170,7 @@ def batched(
     decode_seconds = end - decoding
     return dict(
         batch_size=size,
+        prompt_tokens=prompt_tokens,
         prefill_tokens_per_second=size * prompt_tokens / (decoding - start),
         decode_tokens_per_second=(size * gen_tokens - drawn) / decode_seconds,
         total_tokens_per_second=size * gen_tokens / (end - start),
