@@ -37,9 +37,8 @@ class BenchReport:
     weights_bytes: int  # see LLM.weights_bytes
     peak_memory_bytes: int
     depths: tuple[dict, ...] = ()  # {depth, prefill_tokens_per_second, decode_tokens_per_second}
-    batches: tuple[
-        dict, ...
-    ] = ()  # {batch_size, prompt_tokens, prefill_..., decode_..., total_...}
+    # {batch_size, prompt_tokens, prefill_..., decode_..., total_...}
+    batches: tuple[dict, ...] = ()
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

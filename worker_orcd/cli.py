@@ -368,7 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--depths", type=int_list, default=(), help="e.g. 512,2048: pp and tg at these depths"
     )
     bench.add_argument(
-        "--batch-sizes", type=int_list, default=(), help="e.g. 8,32,128: streams decoding at once"
+        "--batch-sizes",
+        type=int_list,
+        default=(),
+        help="e.g. 8,32,128: streams of 128-token prompts decoding at once",
     )
     bench.set_defaults(run=cmd_bench)
 
