@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from worker_orcd.engine.forward_batch import ForwardBatch
+from worker_orcd.engine.cuda_graph import GraphShape
+from worker_orcd.engine.forward_batch import ForwardBatch, HostBatch
 from worker_orcd.engine.scheduler import ScheduledChunk
 from worker_orcd.engine.sequence import Sequence
 from worker_orcd.kernels import paged_attention as kernel_module
@@ -29,8 +30,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLOCK = 16
 
 
-def scene(heads, kv_heads, dim, spans, seed=0):
-    """A shuffled pool holding each sequence's keys up to its span's end, and the q rows."""
+def scene(heads, kv_heads, dim, spans, seed=0, graph: GraphShape | None = None):
+    """A shuffled pool holding each sequence's keys up to its span's end, and the q rows; with
+    `graph`, the batch padded to that CUDA graph's sizes as the runner pads a step (its padding
+    rows' q last, in a block of their own)."""
     generator = torch.Generator().manual_seed(seed)
     pool_blocks = 128
     keys = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
@@ -42,9 +45,18 @@ def scene(heads, kv_heads, dim, spans, seed=0):
         seq = Sequence(list(range(start + count)), SamplingParams())
         seq.block_table = [free.pop() for _ in range(-(-(start + count) // BLOCK))]
         chunks.append(ScheduledChunk(seq, start, count, True))
-    batch = ForwardBatch.build(chunks, BLOCK, torch.device(DEVICE))
+    if graph is None:
+        batch = ForwardBatch.build(chunks, BLOCK, torch.device(DEVICE))
+    else:
+        host = HostBatch.of(chunks, BLOCK)
+        graph.pad(host, free.pop(), BLOCK)
+        width = host.table_width
+        fields, tables, _ = host.unpack(host.packed(width).to(DEVICE), width)
+        graph_context = 1024  # a graph sizes its splits by the longest context
+        batch = ForwardBatch.view(fields, tables, host, BLOCK, graph_context, graph.query_tile)
     q = torch.randn(sum(c for _, c in spans), heads, dim, generator=generator)
-    return q.to(DEVICE), keys.to(DEVICE), values.to(DEVICE), batch
+    padding = torch.randn(batch.input_ids.numel() - len(q), heads, dim, generator=generator)
+    return torch.cat([q, padding]).to(DEVICE), keys.to(DEVICE), values.to(DEVICE), batch
 
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 16), (7, 1, 16), (4, 4, 24)])
@@ -64,6 +76,24 @@ def test_a_launch_leaves_its_arrival_counters_at_zero():
     first = paged_attention_kernel(q, keys, values, batch, 0.25)
     assert not kernel_module._arrival_counters(q.device).any()
     assert torch.equal(paged_attention_kernel(q, keys, values, batch, 0.25), first)
+
+
+@pytest.mark.parametrize(
+    ("spans", "graph"),
+    [
+        ([(0, 21), (40, 1), (300, 5), (500, 40)], GraphShape.for_mixed(128, max_num_seqs=8)),
+        ([(40, 1), (300, 1), (3, 1)], GraphShape.for_decode(4)),
+    ],
+)
+def test_padding_a_step_to_a_graphs_sizes_changes_no_row(spans, graph):
+    q, keys, values, batch = scene(6, 2, 16, spans, seed=7)
+    alone = paged_attention_kernel(q, keys, values, batch, 0.25)
+    q, keys, values, padded = scene(6, 2, 16, spans, seed=7, graph=graph)
+    assert padded.input_ids.numel() == graph.num_tokens
+    assert padded.tile_seqs.numel() == graph.num_tiles
+    out = paged_attention_kernel(q, keys, values, padded, 0.25)
+    assert torch.equal(out[: len(alone)], alone)
+    assert not kernel_module._arrival_counters(q.device).any()
 
 
 def test_a_row_is_the_same_alone_and_in_any_tile():

@@ -29,13 +29,13 @@ def upload(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass
 class HostBatch:
-    """The batch as host lists. `pad` adds one-token rows that a CUDA graph of a fixed batch
-    size computes and nobody reads; they write only to a slot no sequence owns."""
+    """The batch as host lists. The `pad_*` methods fill it to the fixed sizes of a CUDA
+    graph with rows that it computes and nobody reads: they write only to the spare block, which
+    no sequence owns, and read nothing of anyone's."""
 
     input_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slot_mapping: list[int] = field(default_factory=list)
-    token_seqs: list[int] = field(default_factory=list)
     logits_indices: list[int] = field(default_factory=list)
     tile_seqs: list[int] = field(default_factory=list)
     tile_starts: list[int] = field(default_factory=list)
@@ -58,9 +58,26 @@ class HostBatch:
             )
         return batch
 
-    def pad(self, num_seqs: int, slot: int, block: int) -> None:
+    def pad_decode(self, num_seqs: int, block: int, block_size: int) -> None:
+        """One-token sequences up to `num_seqs` (a decode graph draws a token for each row)."""
         while len(self.context_lens) < num_seqs:
-            self._add([0], 0, [slot], [block], samples=True)
+            self._add([0], 0, [block * block_size], [block], samples=True)
+
+    def pad_mixed(
+        self, num_tokens: int, num_seqs: int, num_tiles: int, block: int, block_size: int
+    ) -> None:
+        """Up to `num_tokens` tokens in one more sequence, then empty sequences up to
+        `num_seqs`, then tiles of the last (empty: its every split skips) up to `num_tiles`,
+        and drawn rows (row 0, unread) up to `num_seqs`. Needs two sequences to spare: the
+        padding tokens' and an empty last one."""
+        n = num_tokens - len(self.input_ids)
+        slots = [block * block_size + p % block_size for p in range(n)]
+        self._add([0] * n, 0, slots, [block] * -(-n // block_size), samples=False)
+        while len(self.context_lens) < num_seqs:
+            self._add([], 0, [], [block], samples=False)
+        self.tile_seqs += [num_seqs - 1] * (num_tiles - len(self.tile_seqs))
+        self.tile_starts += [num_tokens] * (num_tiles - len(self.tile_starts))
+        self.logits_indices += [0] * (num_seqs - len(self.logits_indices))
 
     def _add(
         self, ids: list[int], start: int, slots: list[int], table: list[int], samples: bool
@@ -69,7 +86,6 @@ class HostBatch:
         self.input_ids.extend(ids)
         self.positions.extend(range(start, start + len(ids)))
         self.slot_mapping.extend(slots)
-        self.token_seqs.extend([len(self.context_lens)] * len(ids))
         end = first + len(ids)
         if samples:
             self.logits_indices.append(end - 1)
@@ -110,7 +126,6 @@ FIELDS = (
     "input_ids",
     "positions",
     "slot_mapping",
-    "token_seqs",
     "logits_indices",
     "tile_seqs",
     "tile_starts",
@@ -124,7 +139,6 @@ class ForwardBatch:
     input_ids: torch.Tensor  # (tokens,)
     positions: torch.Tensor  # (tokens,)
     slot_mapping: torch.Tensor  # (tokens,): the cache slot each token's k and v go to
-    token_seqs: torch.Tensor  # (tokens,): the sequence each token belongs to
     block_tables: torch.Tensor  # (seqs, width), padded with block 0
     query_starts: list[int]  # (seqs + 1,): sequence i's tokens are rows [starts[i], starts[i+1])
     context_lens: list[int]  # (seqs,): positions each sequence's last token sees, itself included
@@ -156,15 +170,18 @@ class ForwardBatch:
         host: HostBatch,
         block_size: int,
         max_context: int | None = None,
+        query_tile: int | None = None,
     ) -> ForwardBatch:
         """A batch whose device fields are views of `fields`, laid out as `host.packed`, and
-        whose block tables are `tables`; a CUDA graph's batch sets its `max_context`."""
+        whose block tables are `tables`; a CUDA graph's batch sets its `max_context` and
+        `query_tile` (one token a tile in a step of one token per sequence, else QUERY_TILE)."""
+        if query_tile is None:
+            query_tile = QUERY_TILE if len(host.input_ids) > len(host.context_lens) else 1
         d = dict(zip(FIELDS, fields.split(host.sizes()), strict=True))
         return cls(
             input_ids=d["input_ids"],
             positions=d["positions"],
             slot_mapping=d["slot_mapping"],
-            token_seqs=d["token_seqs"],
             block_tables=tables,
             query_starts=host.query_starts,
             context_lens=host.context_lens,
@@ -176,7 +193,7 @@ class ForwardBatch:
             query_starts_device=d["query_starts"],
             context_lens_device=d["context_lens"],
             max_context=max_context or max(host.context_lens),
-            query_tile=QUERY_TILE if len(host.input_ids) > len(host.context_lens) else 1,
+            query_tile=query_tile,
         )
 
     @property

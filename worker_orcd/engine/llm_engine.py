@@ -47,14 +47,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.num_blocks = num_blocks
         self.scheduler = Scheduler(config, num_blocks)
-        self.runner = ModelRunner(
-            model,
-            model.device,
-            num_blocks,
-            config.block_size,
-            config.max_num_seqs,
-            config.blocks_for(config.max_model_len),
-        )
+        self.runner = ModelRunner(model, config, num_blocks)
         # The step queued on the device and not yet read, and its tokens.
         self._in_flight: tuple[SchedulerOutput, StepTokens] | None = None
 

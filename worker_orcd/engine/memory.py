@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from worker_orcd.engine.config import EngineConfig
+from worker_orcd.engine.cuda_graph import MIXED_TOKENS
 from worker_orcd.gguf.reader import GGUFFile
+from worker_orcd.kernels.paged_attention import partials_bytes
 from worker_orcd.layers.quant_linear import QuantWeight
 
 # Activations, logits and allocator slack for a step of a few thousand tokens.
@@ -71,14 +73,20 @@ def check_fits(plan: VramPlan, device: torch.device, path: Path) -> None:
 
 def kv_pool_blocks(model: nn.Module, config: EngineConfig) -> int:
     """Blocks for the KV pool. On CUDA, what `gpu_memory_utilization` of the GPU leaves after
-    everything allocated so far (the weights) and the workspace; on the CPU, one full context
-    (float32: memory there is the host's, and tests run many small sequences)."""
+    everything allocated so far (the weights), the workspace and the CUDA graphs' attention
+    partials; on the CPU, one full context (float32: memory there is the host's, and tests run
+    many small sequences)."""
     block_bytes = model.kv_block_bytes(config.block_size)
     device = model.device
     if device.type != "cuda":
         return config.blocks_for(config.max_model_len)
     free, total = torch.cuda.mem_get_info(device)
-    budget = int(total * config.gpu_memory_utilization) - (total - free) - WORKSPACE_BYTES
+    c = model.config
+    # a graph sizes attention's splits by the longest context, whatever its batch's contexts
+    graph_rows = max(min(config.max_num_batched_tokens, MIXED_TOKENS[-1]), config.max_num_seqs)
+    partials = partials_bytes(graph_rows, c.num_heads, c.head_dim, config.max_model_len)
+    budget = int(total * config.gpu_memory_utilization) - (total - free)
+    budget -= WORKSPACE_BYTES + partials
     return max(budget // block_bytes, config.blocks_for(config.max_model_len))
 
 

@@ -4,8 +4,8 @@ The runner owns the pool and turns the scheduler's chunks into one `ForwardBatch
 sees that and nothing of sequences. Only the rows that draw a token go through the output head.
 `launch` queues a step and returns before its tokens exist, so that the host prepares the next
 step while the device computes this one: a decode token still being computed is a `PLACEHOLDER`
-in its sequence, and the next step reads it from the device. On CUDA, decode steps replay CUDA
-graphs (`cuda_graph.py`).
+in its sequence, and the next step reads it from the device. On CUDA, steps of up to about a
+thousand tokens replay CUDA graphs (`cuda_graph.py`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from worker_orcd.engine.cuda_graph import DecodeGraphs
+from worker_orcd.engine.config import EngineConfig
+from worker_orcd.engine.cuda_graph import StepGraphs
 from worker_orcd.engine.forward_batch import ForwardBatch, HostBatch, upload
 from worker_orcd.engine.scheduler import ScheduledChunk
 from worker_orcd.engine.sequence import PLACEHOLDER, Sequence
@@ -39,24 +40,22 @@ class StepTokens:
 
 
 class ModelRunner:
-    def __init__(
-        self,
-        model: nn.Module,
-        device: torch.device,
-        num_blocks: int,
-        block_size: int,
-        max_num_seqs: int = 1,
-        max_blocks_per_seq: int = 1,
-    ):
+    def __init__(self, model: nn.Module, config: EngineConfig, num_blocks: int):
         self.model = model
-        self.device = device
-        self.block_size = block_size
-        graphs = device.type == "cuda"
-        # On CUDA, one block beyond the scheduler's pool: a graph's padded rows write there.
-        self.cache = model.new_kv_cache(num_blocks + graphs, block_size)
+        self.device = model.device
+        self.block_size = config.block_size
+        graphs = self.device.type == "cuda"
+        # On CUDA, one block beyond the scheduler's pool: a graph's padding rows write there.
+        self.cache = model.new_kv_cache(num_blocks + graphs, config.block_size)
         self.graphs = None
         if graphs:
-            self.graphs = DecodeGraphs(model, self.cache, max_num_seqs, max_blocks_per_seq)
+            self.graphs = StepGraphs(
+                model,
+                self.cache,
+                config.max_num_seqs,
+                config.max_num_batched_tokens,
+                config.blocks_for(config.max_model_len),
+            )
         # The last launched step's tokens, and the row of each sequence that drew one.
         self._last: tuple[torch.Tensor, dict[int, int]] | None = None
 
@@ -82,28 +81,29 @@ class ModelRunner:
     def logits(self, chunks: list[ScheduledChunk]) -> tuple[list[Sequence], torch.Tensor | None]:
         """The forward pass: the sequences that draw a token this step, and their logits."""
         host = HostBatch.of(chunks, self.block_size)
-        size = self.graphs.size_for(host) if self.graphs else None
-        if size is not None:
-            self.graphs.pad(host, size)
+        shape = self.graphs.shape_for(host) if self.graphs else None
+        if shape is not None:
+            self.graphs.pad(host, shape)
         rows, sources = self._placeholders(chunks)
         width = host.table_width
         fields, tables, fills = host.unpack(
             upload(host.packed(width, rows + sources), self.device), width
         )
-        if size is not None:
-            batch = self.graphs.load(size, fields, tables)
+        if shape is not None:
+            batch = self.graphs.load(shape, fields, tables)
         else:
             batch = ForwardBatch.view(fields, tables, host, self.block_size)
         if rows:
             fills = fills.view(2, -1)
             batch.input_ids.index_copy_(0, fills[0], self._last[0].index_select(0, fills[1]))
         drawing = [chunk.seq for chunk in chunks if chunk.samples]
-        if size is not None:
-            return drawing, self.graphs.replay(size)[: len(drawing)]
-        hidden = self.model(batch, self.cache)
+        if shape is not None and shape.decode:
+            return drawing, self.graphs.replay(shape)[: len(drawing)]
+        hidden = self.graphs.replay(shape) if shape is not None else self.model(batch, self.cache)
         if not drawing:
             return [], None
-        return drawing, self.model.compute_logits(hidden.index_select(0, batch.logits_indices))
+        drawn = batch.logits_indices[: len(drawing)]  # a graph's batch has padding beyond
+        return drawing, self.model.compute_logits(hidden.index_select(0, drawn))
 
     def _placeholders(self, chunks: list[ScheduledChunk]) -> tuple[list[int], list[int]]:
         """The batch rows whose token the last step is still computing, and its rows there."""

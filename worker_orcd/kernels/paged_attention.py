@@ -200,6 +200,11 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
     return torch.zeros(MAX_TILE_HEADS, dtype=torch.int32, device=device)
 
 
+def partials_bytes(tokens: int, heads: int, head_dim: int, max_context: int) -> int:
+    """What a launch over `tokens` query rows allocates for their partial results."""
+    return tokens * heads * -(-max_context // KV_SPLIT) * (head_dim + 2) * 4
+
+
 def paged_attention_kernel(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, batch: ForwardBatch, scale: float
 ) -> torch.Tensor:
