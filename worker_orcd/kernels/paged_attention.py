@@ -35,6 +35,7 @@ BLOCK_N = 32  # keys per inner step
 KV_SPLIT = 256  # keys per split
 MAX_TILE_HEADS = 1 << 16  # (query tile, KV head) pairs of one launch: its arrival counters
 MERGE_ROWS = tl.constexpr(16)  # rows a tile's merge takes at once: fewer registers than all of them
+MERGE_SPLITS = tl.constexpr(16)  # splits whose maxima a merge loads at once
 MIN_ROWS = 16  # a tile's least rows (query token, head of its group): one tensor-core tile
 
 
@@ -159,38 +160,67 @@ def _merge(
     GROUP: tl.constexpr, TILE: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
     KV_SPLIT: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
-    """A tile's rows, MERGE_ROWS at a time, each row's splits up to its own position one split
-    after another: first the largest of their maxima, then each split's sums weighted by
-    exp(its max - that). A split past a row adds exact zeros, so the order depends on the row's
-    position alone, and a row of one split gets the bits `acc / total` of a tile of one split.
-    Loads bypass L1: other programs wrote the partials during this launch."""
-    dims = tl.arange(0, DIM_PAD)
+    """A tile's rows, MERGE_ROWS at a time, each row's splits up to its own position: first the
+    largest of their maxima (MERGE_SPLITS at once: a maximum is exact in any order), then each
+    split's sums weighted by exp(its max - that), added one split after another in position
+    order, four splits' loads issued before their adds (a long context's merge waits on its
+    loads). A split past a row adds exact zeros, so the order depends on the row's position
+    alone, and a row of one split gets the bits `acc / total` of a tile of one split. Loads
+    bypass L1: other programs wrote the partials during this launch."""
     for chunk in tl.static_range(0, ROWS, MERGE_ROWS):
         rows = chunk + tl.arange(0, MERGE_ROWS)
         token, head, valid, position = _rows(rows, first, query_end, context, kv_head, GROUP, TILE)
-        row_splits = position // KV_SPLIT + 1
+        row_splits = tl.where(valid, position // KV_SPLIT + 1, 0)
         stats = token * stride_mt + head * stride_mh
         row_best = tl.full((MERGE_ROWS,), float("-inf"), tl.float32)
-        for split in range(0, splits):
-            present = valid & (split < row_splits)
-            best = tl.load(best_ptr + stats + split, present, float("-inf"), cache_modifier=".cg")
-            row_best = tl.maximum(row_best, best)
+        for block in range(0, splits, MERGE_SPLITS):
+            ids = block + tl.arange(0, MERGE_SPLITS)
+            present = ids[None, :] < row_splits[:, None]
+            at = best_ptr + stats[:, None] + ids[None, :]
+            best = tl.load(at, present, float("-inf"), cache_modifier=".cg")
+            row_best = tl.maximum(row_best, tl.max(best, axis=1))
         row_best = tl.where(valid, row_best, 0.0)  # a padding row's: finite, for exp's sake
-        mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
         parts = token * stride_at + head * stride_ah
         total = tl.zeros((MERGE_ROWS,), tl.float32)
         acc = tl.zeros((MERGE_ROWS, DIM_PAD), tl.float32)
-        for split in range(0, splits):
-            present = valid & (split < row_splits)
-            best = tl.load(best_ptr + stats + split, present, float("-inf"), cache_modifier=".cg")
-            weight = tl.exp(best - row_best)  # a split past the row's: 0
-            total += tl.load(total_ptr + stats + split, present, 0.0, cache_modifier=".cg") * weight
-            at = acc_ptr + (parts + split * stride_as)[:, None] + dims[None, :]
-            part = tl.load(at, mask & present[:, None], 0.0, cache_modifier=".cg")
-            acc += part * weight[:, None]
+        for split in range(0, splits, 4):
+            w0, t0, a0 = _split_sums(acc_ptr, best_ptr, total_ptr, stats, parts, row_splits,
+                                     row_best, split, stride_as, HEAD_DIM, DIM_PAD)  # fmt: skip
+            w1, t1, a1 = _split_sums(acc_ptr, best_ptr, total_ptr, stats, parts, row_splits,
+                                     row_best, split + 1, stride_as, HEAD_DIM, DIM_PAD)  # fmt: skip
+            w2, t2, a2 = _split_sums(acc_ptr, best_ptr, total_ptr, stats, parts, row_splits,
+                                     row_best, split + 2, stride_as, HEAD_DIM, DIM_PAD)  # fmt: skip
+            w3, t3, a3 = _split_sums(acc_ptr, best_ptr, total_ptr, stats, parts, row_splits,
+                                     row_best, split + 3, stride_as, HEAD_DIM, DIM_PAD)  # fmt: skip
+            total += t0 * w0
+            acc += a0 * w0[:, None]
+            total += t1 * w1
+            acc += a1 * w1[:, None]
+            total += t2 * w2
+            acc += a2 * w2[:, None]
+            total += t3 * w3
+            acc += a3 * w3[:, None]
         outs = token * stride_ot + head * stride_oh
         total = tl.where(valid, total, 1.0)  # a padding row's, never stored
+        dims = tl.arange(0, DIM_PAD)
+        mask = valid[:, None] & (dims < HEAD_DIM)[None, :]
         tl.store(out_ptr + outs[:, None] + dims[None, :], acc / total[:, None], mask)
+
+
+@triton.jit
+def _split_sums(
+    acc_ptr, best_ptr, total_ptr, stats, parts, row_splits, row_best, split, stride_as,
+    HEAD_DIM: tl.constexpr, DIM_PAD: tl.constexpr,
+):  # fmt: skip
+    """Split `split`'s weight exp(its max - the row's), sum of weights and weighted values for
+    each row; zeros for a row that it is past."""
+    present = split < row_splits
+    best = tl.load(best_ptr + stats + split, present, float("-inf"), cache_modifier=".cg")
+    total = tl.load(total_ptr + stats + split, present, 0.0, cache_modifier=".cg")
+    dims = tl.arange(0, DIM_PAD)
+    at = acc_ptr + (parts + split * stride_as)[:, None] + dims[None, :]
+    mask = present[:, None] & (dims < HEAD_DIM)[None, :]
+    return tl.exp(best - row_best), total, tl.load(at, mask, 0.0, cache_modifier=".cg")
 
 
 @functools.cache
