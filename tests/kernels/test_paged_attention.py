@@ -35,7 +35,7 @@ def scene(heads, kv_heads, dim, spans, seed=0, graph: GraphShape | None = None):
     `graph`, the batch padded to that CUDA graph's sizes as the runner pads a step (its padding
     rows' q last, in a block of their own)."""
     generator = torch.Generator().manual_seed(seed)
-    pool_blocks = 128
+    pool_blocks = 384
     keys = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
     values = torch.randn(pool_blocks * BLOCK, kv_heads, dim, generator=generator).half()
     free = list(range(pool_blocks))
@@ -61,8 +61,9 @@ def scene(heads, kv_heads, dim, spans, seed=0, graph: GraphShape | None = None):
 
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(6, 2, 16), (7, 1, 16), (4, 4, 24)])
 def test_the_kernel_matches_the_reference(heads, kv_heads, dim):
-    # (cached positions, new tokens): one split, then across split boundaries
-    spans = [(0, 21), (40, 1), (3, 17), (70, 2), (300, 5), (500, 40)]
+    # (cached positions, new tokens): one split, then across split boundaries, then a decode
+    # token over more splits than a merge loads at once
+    spans = [(0, 21), (40, 1), (3, 17), (70, 2), (300, 5), (500, 40), (4400, 1)]
     q, keys, values, batch = scene(heads, kv_heads, dim, spans)
     expected = paged_attention(q.cpu(), keys.cpu(), values.cpu(), _on_cpu(batch), dim**-0.5)
     out = paged_attention_kernel(q, keys, values, batch, dim**-0.5)
