@@ -155,10 +155,6 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
         self._thread.start()
 
-    @property
-    def accepting(self) -> bool:
-        return self._accepting
-
     def stats(self) -> EngineStats:
         """The engine's state, read from any thread (the figures may be a step old)."""
         scheduler = self._core.scheduler
